@@ -1,0 +1,65 @@
+# quiclb — every target creates the virtualenv in .venv on demand.
+# `make help` lists the targets.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_FLAGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+# A fresh Debian has python3 without ensurepip; install python3-venv when venv creation fails.
+$(PY):
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  echo "python3 -m venv failed; installing python3-venv with apt-get"; \
+	  rm -rf $(VENV); \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3-venv >/dev/null && \
+	  $(PYTHON) -m venv $(VENV); }
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade 'pip>=25.1'
+	$(PY) -m pip install -q --group dev -e . --config-settings editable_mode=compat
+	@touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## create .venv and install quiclb with its test and lint tools
+
+.PHONY: lint
+lint: $(STAMP) ## ruff and mypy (strict)
+	$(VENV)/bin/ruff check lb backends tests bench
+	$(VENV)/bin/mypy
+
+.PHONY: format
+format: $(STAMP) ## ruff format + autofix
+	$(VENV)/bin/ruff format lb backends tests bench
+	$(VENV)/bin/ruff check --fix lb backends tests bench
+
+.PHONY: pytest
+pytest: $(STAMP) ## the test suite alone (opt-in sizes excluded)
+	$(VENV)/bin/pytest -m "not optin" $(PYTEST_FLAGS)
+
+.PHONY: test
+test: lint pytest ## lint + the whole test suite (what CI runs)
+
+.PHONY: test-optin
+test-optin: $(STAMP) ## the nightly-size acceptance runs
+	$(VENV)/bin/pytest -m optin $(PYTEST_FLAGS)
+
+.PHONY: demo
+demo: $(STAMP) ## the main job: an LB and three backends on loopback, real QUIC clients through them
+	$(VENV)/bin/quiclb demo
+
+.PHONY: bench
+bench: $(STAMP) ## micro-benchmarks (codec decode cost, Maglev quality); JSON in bench/results/
+	$(PY) bench/micro_codec.py --save
+	$(PY) bench/hash_quality.py --save
+
+.PHONY: clean
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info
