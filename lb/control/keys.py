@@ -1,0 +1,170 @@
+"""Key and token files: generation, atomic private creation, strict loading.
+
+Rules (acceptance S-3, S-7):
+
+- keys are 16 bytes from :mod:`secrets`, stored as 32 hex digits and a newline;
+- files are created ``0600`` in one step (``O_CREAT | O_EXCL``), never widened
+  afterwards, and never silently overwritten;
+- a key or token file that its group or other users can access is refused,
+  with the fix (``chmod 600 ...``) in the message;
+- no error message ever contains key or token material, not even a fragment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+
+from lb.errors import ConfigError
+
+#: Length of a QUIC-LB AES-128 key, and of a fallback hash key file, in bytes.
+KEY_LEN = 16
+#: Key and token files are tiny; anything larger is not one of ours.
+MAX_SECRET_FILE_BYTES = 4096
+#: Permission bits that must be clear on a secret file (group and other: rwx).
+_FORBIDDEN_MODE_BITS = 0o077
+
+_HEX_KEY = re.compile(rf"[0-9a-fA-F]{{{2 * KEY_LEN}}}")
+# draft-ietf-quic-load-balancers YANG `yang:hex-string` form: "fd:f7:26:...".
+_COLON_HEX_KEY = re.compile(rf"[0-9a-fA-F]{{2}}(?::[0-9a-fA-F]{{2}}){{{KEY_LEN - 1}}}")
+
+
+def generate_key() -> bytes:
+    """Return a fresh 16-byte key from the OS CSPRNG (:func:`secrets.token_bytes`)."""
+    return secrets.token_bytes(KEY_LEN)
+
+
+def write_key_file(path: Path, key: bytes | None = None, *, overwrite: bool = False) -> bytes:
+    """Write ``key`` (default: a new :func:`generate_key`) to ``path`` as hex, mode 0600.
+
+    The file never exists with wider permissions or partial content: without
+    ``overwrite`` it is created with ``O_CREAT | O_EXCL`` (an existing file is
+    refused, so a key in use is never replaced by accident); with ``overwrite``
+    a private temporary file in the same directory is renamed over ``path``.
+    A missing parent directory is created with mode 0700. Returns the key.
+    """
+    if key is None:
+        key = generate_key()
+    if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_LEN:
+        raise ConfigError(f"{path}: a key must be exactly {KEY_LEN} bytes")
+    key = bytes(key)
+    data = (key.hex() + "\n").encode("ascii")
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not overwrite:
+        try:
+            _write_new_private(path, data)
+        except FileExistsError:
+            raise ConfigError(
+                f"{path}: refusing to overwrite an existing key file (a key in use would be lost); "
+                "delete it first or ask for overwrite"
+            ) from None
+        return key
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    _write_new_private(tmp, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return key
+
+
+def _write_new_private(path: Path, data: bytes) -> None:
+    """Create ``path`` exclusively with mode 0600 and write ``data``; remove it on failure."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        try:
+            # The umask can only narrow 0600; fchmod pins it exactly.
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _read_private_file(path: Path, what: str) -> bytes:
+    """Read a small regular file that only its owner may access (``mode & 0o077 == 0``).
+
+    The mode is checked on the opened descriptor, so it is the file actually read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open {what}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: {what} must be a regular file")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & _FORBIDDEN_MODE_BITS:
+            raise ConfigError(
+                f"{path}: {what} has mode {mode:04o}, which lets group or other users access it; "
+                f"refusing to use it. Fix: chmod 600 {path}"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_SECRET_FILE_BYTES:
+            chunk = os.read(fd, MAX_SECRET_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(f"{path}: {what} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    return b"".join(chunks)
+
+
+def read_key_file(path: Path) -> bytes:
+    """Load a 16-byte key: 32 hex digits, or the colon-separated YANG form; whitespace ignored.
+
+    Raises :class:`~lb.errors.ConfigError` naming the file (never its content)
+    when the file is missing, group/world-accessible, or not a 16-byte hex key.
+    """
+    path = Path(path)
+    raw = _read_private_file(path, "key file")
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: key file is not ASCII hex text") from None
+    if _COLON_HEX_KEY.fullmatch(text):
+        text = text.replace(":", "")
+    elif not _HEX_KEY.fullmatch(text):
+        # Describe the shape only: a length or a count leaks nothing useful.
+        hex_digits = sum(c in "0123456789abcdefABCDEF" for c in text)
+        raise ConfigError(
+            f"{path}: key file must hold exactly {2 * KEY_LEN} hex digits ({KEY_LEN} bytes, AES-128), "
+            f"got {len(text)} characters of which {hex_digits} are hex digits; "
+            "create one with `quiclb keygen`"
+        )
+    return bytes.fromhex(text)
+
+
+def read_token_file(path: Path) -> str:
+    """Load the admin bearer token: owner-only file, stripped, non-empty, visible ASCII only.
+
+    Visible ASCII (0x21..0x7e) is what an HTTP ``Authorization: Bearer`` value can carry.
+    """
+    path = Path(path)
+    raw = _read_private_file(path, "token file")
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: token file must be ASCII text") from None
+    if not token:
+        raise ConfigError(f"{path}: token file is empty")
+    if not all("\x21" <= c <= "\x7e" for c in token):
+        raise ConfigError(f"{path}: token must be visible ASCII only (no spaces or control characters)")
+    return token

@@ -1,0 +1,234 @@
+"""Router: one client datagram in, one routing decision out (design.md §3).
+
+Decision order, cheapest first, so that datagrams failing the size, fixed-bit,
+config or length checks never reach a cipher (acceptance D-3):
+
+1. Malformed (empty, truncated, fixed bit clear, CID too long for v1/v2): drop.
+2. Long header, version 0 (Version Negotiation from outside): drop (RFC 9000 §6.1).
+3. Long header, version the backends do not speak, datagram under 1200 bytes:
+   drop (RFC 9000 §5.2.2 MUST; aioquic would answer and reflect).
+4. DCID config bits name a live configuration and the DCID is long enough:
+   decode. A server ID of an active or draining backend: forward (CID route).
+5. Unroutable DCID, long header (client-chosen Initial/0-RTT DCID, or one that
+   decodes to an unassigned server ID — 1 time in 8 per live config for random
+   DCIDs): keyed Maglev over the 4-tuple (-21 §4.3 baseline), never dropped.
+6. Unroutable DCID, short header: dropped and counted by reason (every backend
+   holds a configuration, so it is garbage or stale), or sent to the fallback
+   when the service is configured with ``unroutable_short_header = "fallback"``.
+
+Every datagram ends in exactly one :class:`Outcome`, and each outcome has one
+counter: the counters always sum to the datagrams routed.
+
+Sans-IO: no sockets, no clock, no logging. The adapter calls :meth:`Router.route`
+and sends the datagram to the returned backend.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from lb.core.maglev import four_tuple_key
+from lb.core.quic_header import MIN_INITIAL_DATAGRAM, parse_routing_fields_untrusted
+from lb.core.service_table import Address, Backend, ServiceTable
+from lb.errors import MalformedDatagram
+
+#: Upper bound of the DCID -> backend cache; FIFO eviction beyond it.
+DEFAULT_CACHE_SIZE = 65536
+
+
+class Outcome(enum.IntEnum):
+    """The fate of one client datagram. Names match the exported counters."""
+
+    CID_ROUTED = 0
+    FALLBACK_INITIAL = 1  # long header, client-chosen (undecodable) DCID
+    FALLBACK_UNKNOWN_SID = 2  # long header whose DCID decodes to an unassigned server ID
+    FALLBACK_NO_CONFIG = 3  # short header, 0b111 / unknown config / too short, fallback switch on
+    FALLBACK_SHORT_UNKNOWN_SID = 4  # short header, unassigned server ID, fallback switch on
+    FALLBACK_UNKNOWN_VERSION = 5  # full-size datagram of a version the backends lack: one VN
+    UNROUTABLE_DROPPED = 6  # short header, 0b111 / unknown config / too short
+    UNKNOWN_SID_DROPPED = 7  # short header, server ID of no backend
+    REMOVED_BACKEND_DROPPED = 8  # short header, server ID of a recently removed backend
+    NO_BACKEND_DROPPED = 9  # needed the fallback, but no backend takes new flows
+    MALFORMED_DROPPED = 10
+    SMALL_UNKNOWN_VERSION_DROPPED = 11
+    VN_DROPPED = 12
+
+    @property
+    def forwards(self) -> bool:
+        return self <= Outcome.FALLBACK_UNKNOWN_VERSION
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return _FALLBACK_REASONS.get(self)
+
+
+_FALLBACK_REASONS = {
+    Outcome.FALLBACK_INITIAL: "initial",
+    Outcome.FALLBACK_UNKNOWN_SID: "unknown_sid",
+    Outcome.FALLBACK_NO_CONFIG: "no_config",
+    Outcome.FALLBACK_SHORT_UNKNOWN_SID: "short_unknown_sid",
+    Outcome.FALLBACK_UNKNOWN_VERSION: "unknown_version",
+}
+
+_OUTCOMES = tuple(Outcome)
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    """A snapshot of one router's counters (monotonic; never reset by a table swap)."""
+
+    service: str
+    rx_client_datagrams: int
+    outcomes: Mapping[Outcome, int]
+    malformed: Mapping[str, int]
+    cid_routed: Mapping[tuple[int, str], int]  # (config ID, backend label) -> count
+    cipher_calls: int
+    cache_entries: int
+    cache_evictions: int
+
+    def total_outcomes(self) -> int:
+        return sum(self.outcomes.values())
+
+
+RouteDecision = tuple[Outcome, Backend | None]
+
+
+class Router:
+    """Routes the datagrams of one service against its current :class:`ServiceTable`.
+
+    ``set_table`` swaps the table atomically (one reference assignment) and
+    clears the decode cache, whose entries belong to the old table.
+    """
+
+    def __init__(self, table: ServiceTable, *, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        self.table = table
+        self._cache: dict[bytes, Backend] = {}
+        self._cache_size = cache_size
+        self._counts = [0] * len(_OUTCOMES)
+        self._malformed: dict[str, int] = {}
+        self._cid_routed: dict[tuple[int, str], int] = {}
+        self._cipher_calls = 0
+        self._evictions = 0
+        self._rx = 0
+
+    def set_table(self, table: ServiceTable) -> None:
+        self._cache = {}
+        self.table = table
+
+    # -- the datapath ---------------------------------------------------------
+
+    def route(self, datagram: bytes, client: Address) -> RouteDecision:
+        """Decide the fate of one client datagram; ``client`` is (ip, port) as received."""
+        self._rx += 1
+        size = len(datagram)
+        if size == 0:
+            return self._malformed_drop("empty")
+        first = datagram[0]
+        table = self.table
+        if not first & 0x80:
+            # Short header (RFC 8999 §5.2): the fast path, parsed inline.
+            if not first & 0x40:
+                return self._malformed_drop("fixed_bit")
+            if size < 2:
+                return self._malformed_drop("truncated")
+            dec = table.decoder.by_config_id[datagram[1] >> 5]
+            if dec is None or size < 1 + dec.cid_len:
+                return self._unroutable_short(Outcome.FALLBACK_NO_CONFIG, Outcome.UNROUTABLE_DROPPED, client)
+            dcid = datagram[1 : 1 + dec.cid_len]
+            backend = self._cache.get(dcid)
+            if backend is not None:
+                return self._cid_route(dec.cfg.config_id, backend)
+            self._cipher_calls += dec.cfg.lb_passes
+            sid = dec.decode(dcid)
+            backend = table.backends.get(sid)
+            if backend is None:
+                if sid in table.tombstones:
+                    return self._unroutable_short(
+                        Outcome.FALLBACK_SHORT_UNKNOWN_SID, Outcome.REMOVED_BACKEND_DROPPED, client
+                    )
+                return self._unroutable_short(
+                    Outcome.FALLBACK_SHORT_UNKNOWN_SID, Outcome.UNKNOWN_SID_DROPPED, client
+                )
+            self._remember(dcid, backend)
+            return self._cid_route(dec.cfg.config_id, backend)
+
+        try:
+            fields = parse_routing_fields_untrusted(datagram, table.supported_versions)
+        except MalformedDatagram as exc:
+            return self._malformed_drop(exc.reason)
+        version = fields.version
+        if version == 0:
+            return self._drop(Outcome.VN_DROPPED)
+        supported = version in table.supported_versions
+        if not supported and size < MIN_INITIAL_DATAGRAM:
+            return self._drop(Outcome.SMALL_UNKNOWN_VERSION_DROPPED)
+        dcid = fields.dcid
+        reason = Outcome.FALLBACK_INITIAL if supported else Outcome.FALLBACK_UNKNOWN_VERSION
+        dec = table.decoder.by_config_id[dcid[0] >> 5] if dcid else None
+        if dec is not None and len(dcid) >= dec.cid_len:
+            key = dcid[: dec.cid_len]
+            backend = self._cache.get(key)
+            if backend is None:
+                self._cipher_calls += dec.cfg.lb_passes
+                backend = table.backends.get(dec.decode(key))
+                if backend is not None:
+                    self._remember(key, backend)
+            if backend is not None:
+                return self._cid_route(dec.cfg.config_id, backend)
+            if supported:
+                reason = Outcome.FALLBACK_UNKNOWN_SID
+        return self._fallback(reason, client)
+
+    # -- outcomes -------------------------------------------------------------
+
+    def _cid_route(self, config_id: int, backend: Backend) -> RouteDecision:
+        self._counts[Outcome.CID_ROUTED] += 1
+        key = (config_id, backend.label)
+        self._cid_routed[key] = self._cid_routed.get(key, 0) + 1
+        return Outcome.CID_ROUTED, backend
+
+    def _fallback(self, outcome: Outcome, client: Address) -> RouteDecision:
+        table = self.table
+        sid = table.maglev.lookup(four_tuple_key(client, table.vip))
+        if sid is None:
+            return self._drop(Outcome.NO_BACKEND_DROPPED)
+        self._counts[outcome] += 1
+        return outcome, table.backends[sid]
+
+    def _unroutable_short(self, fallback: Outcome, drop: Outcome, client: Address) -> RouteDecision:
+        if self.table.short_header_fallback:
+            return self._fallback(fallback, client)
+        return self._drop(drop)
+
+    def _drop(self, outcome: Outcome) -> RouteDecision:
+        self._counts[outcome] += 1
+        return outcome, None
+
+    def _malformed_drop(self, reason: str) -> RouteDecision:
+        self._counts[Outcome.MALFORMED_DROPPED] += 1
+        self._malformed[reason] = self._malformed.get(reason, 0) + 1
+        return Outcome.MALFORMED_DROPPED, None
+
+    def _remember(self, dcid: bytes, backend: Backend) -> None:
+        cache = self._cache
+        if len(cache) >= self._cache_size:
+            # FIFO: dicts keep insertion order, so the first key is the oldest.
+            del cache[next(iter(cache))]
+            self._evictions += 1
+        cache[dcid] = backend
+
+    # -- observation ----------------------------------------------------------
+
+    def stats(self) -> RouterStats:
+        return RouterStats(
+            service=self.table.name,
+            rx_client_datagrams=self._rx,
+            outcomes={o: self._counts[o] for o in _OUTCOMES},
+            malformed=dict(self._malformed),
+            cid_routed=dict(self._cid_routed),
+            cipher_calls=self._cipher_calls,
+            cache_entries=len(self._cache),
+            cache_evictions=self._evictions,
+        )
