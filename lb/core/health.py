@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from lb.core.quic_header import parse_routing_fields_untrusted
 from lb.errors import MalformedDatagram
@@ -66,7 +67,10 @@ class HealthStatus:
     last_rtt: float | None
 
 
-class HealthTracker:
+K = TypeVar("K", bound=Hashable)
+
+
+class HealthTracker(Generic[K]):
     """Tracks probe state per backend key; the adapter supplies ``now`` and the nonces."""
 
     def __init__(self, interval: float, timeout: float, threshold: int) -> None:
@@ -75,10 +79,10 @@ class HealthTracker:
         self.interval = interval
         self.timeout = timeout
         self.threshold = threshold
-        self._targets: dict[Hashable, _Target] = {}
-        self._by_nonce: dict[bytes, Hashable] = {}
+        self._targets: dict[K, _Target] = {}
+        self._by_nonce: dict[bytes, K] = {}
 
-    def set_targets(self, keys: Iterable[Hashable]) -> None:
+    def set_targets(self, keys: Iterable[K]) -> None:
         """Keep state for known keys, add new ones (healthy), forget removed ones."""
         wanted = set(keys)
         for key in list(self._targets):
@@ -89,17 +93,17 @@ class HealthTracker:
         for key in wanted:
             self._targets.setdefault(key, _Target())
 
-    def is_healthy(self, key: Hashable) -> bool:
+    def is_healthy(self, key: K) -> bool:
         target = self._targets.get(key)
         return True if target is None else target.healthy
 
-    def status(self, key: Hashable) -> HealthStatus | None:
+    def status(self, key: K) -> HealthStatus | None:
         t = self._targets.get(key)
         if t is None:
             return None
         return HealthStatus(t.healthy, t.misses, t.probes, t.replies, t.rtts[-1] if t.rtts else None)
 
-    def due(self, now: float, make_nonce: Callable[[], bytes]) -> list[tuple[Hashable, bytes]]:
+    def due(self, now: float, make_nonce: Callable[[], bytes]) -> list[tuple[K, bytes]]:
         """Probes to send now: ``(key, nonce)``. Call :meth:`expire` first."""
         out = []
         for key, t in self._targets.items():
@@ -111,7 +115,7 @@ class HealthTracker:
                 out.append((key, nonce))
         return out
 
-    def on_reply(self, nonce: bytes, now: float) -> tuple[Hashable, bool] | None:
+    def on_reply(self, nonce: bytes, now: float) -> tuple[K, bool] | None:
         """Record an answer; returns ``(key, changed)`` or ``None`` for an unknown nonce."""
         key = self._by_nonce.pop(nonce, None)
         if key is None:
@@ -125,7 +129,7 @@ class HealthTracker:
         t.healthy = True
         return key, changed
 
-    def expire(self, now: float) -> list[Hashable]:
+    def expire(self, now: float) -> list[K]:
         """Turn overdue probes into misses; returns the keys whose health changed."""
         changed = []
         for key, t in self._targets.items():

@@ -1,0 +1,385 @@
+"""The composition root: configuration, tables, routers, sockets and admin wired together.
+
+This is the only module that sees ``lb.core``, ``lb.adapters`` and
+``lb.control`` at once. It owns the mutable process state: the current
+configuration, the health tracker and the monotonic counters that no reload
+resets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from lb.adapters.asyncio_endpoint import CallbackProtocol, VipProtocol
+from lb.adapters.udp_socket import bind_udp
+from lb.control.config import BackendState, LbConfig, load_config
+from lb.control.snapshot import BackendView, LbSnapshot, ReloadResult, ServiceView
+from lb.control.table_builder import TableBuilder
+from lb.core.encapsulation import ProxyHeaderEncoder
+from lb.core.health import NONCE_LEN, HealthTracker, build_probe, probe_reply_nonce_untrusted
+from lb.core.return_path import ReturnOutcome, ReturnPath
+from lb.core.router import Router
+from lb.core.service_table import Address, Backend, normalize_address
+from lb.errors import ConfigError, LbError
+
+log = logging.getLogger("quiclb")
+
+HealthKey = tuple[str, bytes]  # (service name, server ID)
+
+
+def _fmt(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class _ServiceRuntime:
+    router: Router
+    vip: Address
+    transport: asyncio.DatagramTransport
+    protocol: VipProtocol
+
+
+@dataclass
+class _Counters:
+    tx_to_backend: dict[tuple[str, str], int] = field(default_factory=dict)
+    backend_unreachable: dict[tuple[str, str], int] = field(default_factory=dict)
+    tx_to_client_errors: int = 0
+    reloads: int = 0
+    rejected: int = 0
+    last_reload_error: str | None = None
+
+
+class LoadBalancer:
+    """One LB process. ``start`` binds and serves; ``reload`` swaps configurations atomically."""
+
+    def __init__(self, config: LbConfig, *, admin: bool = True) -> None:
+        self.config = config
+        self.admin_enabled = admin
+        lb = config.lb
+        self.builder = TableBuilder()
+        self.health: HealthTracker[HealthKey] = HealthTracker(
+            lb.health_interval, lb.health_timeout, lb.health_threshold
+        )
+        self.return_path = ReturnPath(self._backend_addresses(config), (s.vip for s in config.services), lb.inside)
+        self.encoder = ProxyHeaderEncoder()
+        self.counters = _Counters()
+        self.services: dict[str, _ServiceRuntime] = {}
+        self.inside_transport: asyncio.DatagramTransport | None = None
+        self.probe_transport: asyncio.DatagramTransport | None = None
+        self.probe_address: Address | None = None
+        self.started_at = time.time()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self.admin: object | None = None
+        self.admin_address: Address | None = None
+
+    # -- start / stop ---------------------------------------------------------
+
+    @staticmethod
+    def _backend_addresses(config: LbConfig) -> list[Address]:
+        return [b.address for s in config.services for b in s.backends]
+
+    def _healthy(self, service: str, server_id: bytes) -> bool:
+        return self.health.is_healthy((service, server_id))
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.health.set_targets((s.name, b.server_id) for s in cfg.services for b in s.backends)
+        tables = self.builder.build(cfg, self._healthy)
+        self.inside_transport, _ = await loop.create_datagram_endpoint(
+            lambda: CallbackProtocol(self._on_inside), sock=bind_udp(cfg.lb.inside)
+        )
+        # The health checker is a client of its own: probes carry this socket's
+        # address, and their VN answers come back through the return path.
+        probe_sock = bind_udp((cfg.lb.inside[0], 0), reuse_port=False)
+        self.probe_address = normalize_address(probe_sock.getsockname()[:2])
+        self.probe_transport, _ = await loop.create_datagram_endpoint(
+            lambda: CallbackProtocol(self._on_probe_reply), sock=probe_sock
+        )
+        for svc in cfg.services:
+            await self._open_service(svc.name, svc.vip, Router(tables[svc.name]))
+        if cfg.lb.admin is not None and self.admin_enabled:
+            await self._start_admin()
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
+        log.info(
+            "serving %d service(s); inside %s; config version %d digest %s",
+            len(cfg.services), _fmt(cfg.lb.inside), cfg.version, cfg.digest[:16],
+        )
+
+    async def _open_service(self, name: str, vip: Address, router: Router) -> None:
+        loop = asyncio.get_running_loop()
+        vip_n = normalize_address(vip)
+        forward = self._make_forward(name, vip_n)
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: VipProtocol(router, forward), sock=bind_udp(vip)
+        )
+        self.services[name] = _ServiceRuntime(router, vip_n, transport, protocol)
+
+    async def _start_admin(self) -> None:
+        from lb.control.admin_http import AdminServer  # noqa: PLC0415 - only when configured
+        from lb.control.keys import read_token_file  # noqa: PLC0415
+
+        lb = self.config.lb
+        assert lb.admin is not None and lb.admin_token_file is not None
+        admin = AdminServer(
+            snapshot=self.snapshot,
+            reload=self.reload,
+            route=self.route_info,
+            token=read_token_file(lb.admin_token_file),
+        )
+        self.admin_address = await admin.start(*lb.admin)
+        self.admin = admin
+        log.info("admin API on %s", _fmt(self.admin_address))
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGTERM, self._stopped.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopped.set)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def stop(self) -> None:
+        self._stopped.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.admin is not None:
+            await self.admin.close()  # type: ignore[attr-defined]
+        for rt in self.services.values():
+            rt.transport.close()
+        for t in (self.inside_transport, self.probe_transport):
+            if t is not None:
+                t.close()
+        log.info("stopped")
+
+    # -- datapath callbacks ---------------------------------------------------
+
+    def _make_forward(self, service: str, vip: Address) -> Callable[[bytes, Address, Backend], None]:
+        encode = self.encoder.encode
+        tx = self.counters.tx_to_backend
+        unreachable = self.counters.backend_unreachable
+
+        def forward(data: bytes, client: Address, backend: Backend) -> None:
+            inside = self.inside_transport
+            assert inside is not None
+            key = (service, backend.label)
+            try:
+                inside.sendto(encode(client, vip) + data, backend.address)
+            except (OSError, ValueError):
+                unreachable[key] = unreachable.get(key, 0) + 1
+                return
+            tx[key] = tx.get(key, 0) + 1
+
+        return forward
+
+    def _vip_transport(self, vip: Address) -> asyncio.DatagramTransport | None:
+        for rt in self.services.values():
+            if rt.vip == vip:
+                return rt.transport
+        return None
+
+    def _on_inside(self, data: bytes, source: Address) -> None:
+        decision = self.return_path.handle(data, source)
+        if decision.outcome is not ReturnOutcome.TO_CLIENT:
+            return
+        assert decision.vip is not None and decision.client is not None
+        transport = self._vip_transport(decision.vip)
+        if transport is None:  # the VIP went away in a reload between check and send
+            self.counters.tx_to_client_errors += 1
+            return
+        try:
+            transport.sendto(decision.payload, decision.client)
+        except (OSError, ValueError):
+            self.counters.tx_to_client_errors += 1
+
+    def _on_probe_reply(self, data: bytes, source: Address) -> None:
+        nonce = probe_reply_nonce_untrusted(data)
+        if nonce is None:
+            return
+        result = self.health.on_reply(nonce, asyncio.get_running_loop().time())
+        if result is not None and result[1]:
+            service, sid = result[0]
+            log.warning("backend %s/%s is up again", service, sid.hex())
+            self._rebuild()
+
+    # -- control --------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        """Rebuild every service's table from the current config, health and tombstones."""
+        for svc in self.config.services:
+            rt = self.services.get(svc.name)
+            if rt is not None:
+                rt.router.set_table(self.builder.build_service(self.config, svc, self._healthy))
+
+    async def _health_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopped.is_set():
+            now = loop.time()
+            changed = self.health.expire(now)
+            for service, sid in changed:
+                log.warning("backend %s/%s is down: %d probes unanswered", service, sid.hex(),
+                            self.health.threshold)
+            if changed or self.builder.expire(time.time()):
+                self._rebuild()
+            self._send_probes(now)
+            delay = self.health.next_wakeup(loop.time()) - loop.time()
+            await asyncio.sleep(min(max(delay, 0.01), self.health.interval))
+
+    def _send_probes(self, now: float) -> None:
+        inside, probe_addr = self.inside_transport, self.probe_address
+        if inside is None or probe_addr is None:
+            return
+        for key, nonce in self.health.due(now, lambda: secrets.token_bytes(NONCE_LEN)):
+            service, sid = key
+            svc = next((s for s in self.config.services if s.name == service), None)
+            backend = svc.backend_by_server_id(sid) if svc else None
+            if svc is None or backend is None:
+                continue
+            try:
+                inside.sendto(self.encoder.encode(probe_addr, svc.vip) + build_probe(nonce), backend.address)
+            except (OSError, ValueError):
+                pass  # counted as a miss when the timeout expires
+
+    async def reload(self) -> ReloadResult:
+        """Load, validate and swap the whole configuration; on any error keep the running one."""
+        async with self._reload_lock:
+            old = self.config
+            try:
+                new = load_config(old.path)
+                if normalize_address(new.lb.inside) != normalize_address(old.lb.inside):
+                    raise ConfigError(f"{old.path}: lb.inside: changing the inside address needs a restart")
+                await self._apply(old, new)
+            except (LbError, OSError, ValueError) as exc:
+                self.counters.rejected += 1
+                self.counters.last_reload_error = str(exc)
+                log.error("reload rejected, keeping config version %d: %s", old.version, exc)
+                return ReloadResult(False, str(exc), old.version, old.digest)
+            self.counters.reloads += 1
+            self.counters.last_reload_error = None
+            log.info("reloaded: config version %d digest %s", new.version, new.digest[:16])
+            return ReloadResult(True, "reloaded", new.version, new.digest)
+
+    async def _apply(self, old: LbConfig, new: LbConfig) -> None:
+        # Build everything first; only then swap (a failure leaves the old state intact).
+        self.health.set_targets((s.name, b.server_id) for s in new.services for b in s.backends)
+        self.builder.note_reload(old, new, time.time())
+        tables = self.builder.build(new, self._healthy)
+        new_names = {s.name for s in new.services}
+        for name in [n for n in self.services if n not in new_names]:
+            self.services.pop(name).transport.close()
+        for svc in new.services:
+            rt = self.services.get(svc.name)
+            if rt is not None and rt.vip == normalize_address(svc.vip):
+                rt.router.set_table(tables[svc.name])
+                continue
+            if rt is not None:  # the VIP moved: new socket, same counters lost with the old router
+                self.services.pop(svc.name).transport.close()
+            await self._open_service(svc.name, svc.vip, Router(tables[svc.name]))
+        self.return_path.reconfigure(self._backend_addresses(new), (s.vip for s in new.services), new.lb.inside)
+        self.config = new
+
+    # -- observation ----------------------------------------------------------
+
+    def route_info(self, service: str | None, dcid: bytes) -> dict[str, object]:
+        """"Which backend owns this CID?" for the admin API (no traffic is generated)."""
+        out: dict[str, object] = {"dcid_len": len(dcid)}
+        for name, rt in self.services.items():
+            if service is not None and name != service:
+                continue
+            table = rt.router.table
+            sid = table.decoder.decode(dcid)
+            backend = table.backends.get(sid) if sid is not None else None
+            entry: dict[str, object] = {
+                "config_id": dcid[0] >> 5 if dcid else None,
+                "server_id": sid.hex() if sid is not None else None,
+                "backend": _fmt(backend.address) if backend else None,
+                "routable": backend is not None,
+                "tombstoned": sid in table.tombstones if sid is not None else False,
+            }
+            out[name] = entry
+        return out
+
+    def snapshot(self) -> LbSnapshot:
+        services, backends = [], []
+        for svc in self.config.services:
+            rt = self.services.get(svc.name)
+            table = rt.router.table if rt else None
+            services.append(ServiceView(
+                name=svc.name, vip=_fmt(svc.vip), config_ids=tuple(c.config_id for c in svc.cid_configs),
+                linkable=svc.linkable, fallback_backends=len(table.fallback_backends) if table else 0,
+            ))
+            for b in svc.backends:
+                label = b.server_id.hex()
+                status = self.health.status((svc.name, b.server_id))
+                backends.append(BackendView(
+                    service=svc.name, server_id=label, address=_fmt(b.address),
+                    state="draining" if b.state is BackendState.DRAINING else "active",
+                    healthy=status.healthy if status else True,
+                    in_fallback=bool(table and b.server_id in table.fallback_backends),
+                    tx_datagrams=self.counters.tx_to_backend.get((svc.name, label), 0),
+                    unreachable=self.counters.backend_unreachable.get((svc.name, label), 0),
+                    probes=status.probes if status else 0,
+                    probe_replies=status.replies if status else 0,
+                    last_probe_rtt=status.last_rtt if status else None,
+                ))
+            for sid in sorted(self.builder.tombstones(svc.name)):
+                label = sid.hex()
+                backends.append(BackendView(
+                    service=svc.name, server_id=label, address="", state="removed", healthy=False,
+                    in_fallback=False, tx_datagrams=self.counters.tx_to_backend.get((svc.name, label), 0),
+                    unreachable=0, probes=0, probe_replies=0, last_probe_rtt=None,
+                ))
+        return LbSnapshot(
+            routers=tuple(rt.router.stats() for rt in self.services.values()),
+            return_path=self.return_path.stats(),
+            services=tuple(services),
+            backends=tuple(backends),
+            config_path=str(self.config.path),
+            config_version=self.config.version,
+            config_digest=self.config.digest,
+            config_reloads=self.counters.reloads,
+            config_rejected=self.counters.rejected,
+            last_reload_error=self.counters.last_reload_error,
+            fallback_table_builds=self.builder.builds,
+            started_at=self.started_at,
+            pid=os.getpid(),
+            extra={"tx_to_client_errors": self.counters.tx_to_client_errors},
+        )
+
+
+async def serve(
+    config: LbConfig,
+    ready: Callable[[LoadBalancer], Awaitable[None] | None] | None = None,
+    *,
+    admin: bool = True,
+) -> None:
+    """Run one LB process until SIGTERM/SIGINT (``admin=False``: no admin API, for extra workers)."""
+    lb = LoadBalancer(config, admin=admin)
+    await lb.start()
+    lb.install_signal_handlers()
+    if ready is not None:
+        result = ready(lb)
+        if asyncio.iscoroutine(result):
+            await result
+    try:
+        await lb.wait_stopped()
+    finally:
+        await lb.stop()

@@ -1,0 +1,258 @@
+"""Command line: ``quiclb run | cid encode | cid decode | keygen | check-config | demo``.
+
+Exit codes: 0 success, 1 a runtime failure (for example a demo promise that
+did not hold), 2 bad input (arguments, configuration, key files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lb.control.config import LbConfig, format_address, load_config
+from lb.control.keys import generate_key, read_key_file, write_key_file
+from lb.core.cid_config import CidConfig
+from lb.core.cid_decoder import decode_cid
+from lb.core.cid_encoder import encode_cid
+from lb.errors import ConfigError, LbError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(LbError):
+    """Bad command-line input; reported as ``quiclb: error: ...`` with exit code 2."""
+
+
+def _hex(text: str, what: str) -> bytes:
+    try:
+        return bytes.fromhex(text.replace(":", ""))
+    except ValueError:
+        raise UsageError(f"{what}: not valid hex: {text!r}") from None
+
+
+# -- cid encode / decode --------------------------------------------------------
+
+
+def _add_codec_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration (from a config file, or from flags)")
+    g.add_argument("-c", "--config", type=Path, help="quiclb TOML file (uses the service's configurations)")
+    g.add_argument("--service", help="service name when the file has several")
+    g.add_argument("--config-id", type=int, help="config ID 0..6 (default with -c: the newest configuration)")
+    g.add_argument("--server-id-len", type=int)
+    g.add_argument("--nonce-len", type=int)
+    g.add_argument("--key", help="16-byte AES key as hex (prefer --key-file: argv is visible to other users)")
+    g.add_argument("--key-file", type=Path, help="key file as written by `quiclb keygen`")
+    g.add_argument("--plaintext", action="store_true", help="no key: plaintext (linkable) CIDs")
+    g.add_argument("--no-self-encode-length", action="store_true",
+                   help="random low 5 bits in the first octet instead of the CID length")
+
+
+def _configs_from_args(args: argparse.Namespace) -> tuple[list[CidConfig], LbConfig | None]:
+    if args.config is not None:
+        cfg = load_config(args.config)
+        svc = cfg.service(args.service)
+        configs = list(svc.cid_configs)
+        if args.config_id is not None:
+            configs = [c for c in configs if c.config_id == args.config_id]
+            if not configs:
+                ids = ", ".join(str(c.config_id) for c in svc.cid_configs)
+                raise UsageError(f"--config-id: service {svc.name!r} has no config {args.config_id} (has {ids})")
+        return configs, cfg
+    missing = [f for f in ("config_id", "server_id_len", "nonce_len") if getattr(args, f) is None]
+    if missing:
+        raise UsageError("give -c FILE, or all of " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    keys_given = sum(x is not None for x in (args.key, args.key_file)) + int(args.plaintext)
+    if keys_given != 1:
+        raise UsageError("give exactly one of --key, --key-file, --plaintext")
+    key = None
+    if args.key is not None:
+        key = _hex(args.key, "--key")
+    elif args.key_file is not None:
+        key = read_key_file(args.key_file)
+    try:
+        one = CidConfig(args.config_id, args.server_id_len, args.nonce_len, key,
+                        self_encode_length=not args.no_self_encode_length)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return [one], None
+
+
+def cmd_cid_encode(args: argparse.Namespace) -> int:
+    configs, _ = _configs_from_args(args)
+    cfg = configs[-1]  # backends mint with the newest (last) configuration
+    sid = _hex(args.server_id, "--server-id")
+    nonce = _hex(args.nonce, "--nonce") if args.nonce else os.urandom(cfg.nonce_len)
+    try:
+        print(encode_cid(cfg, sid, nonce).hex())
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
+def cmd_cid_decode(args: argparse.Namespace) -> int:
+    configs, lbcfg = _configs_from_args(args)
+    cid = _hex(args.cid, "CID")
+    if not cid:
+        raise UsageError("CID: empty")
+    config_id = cid[0] >> 5
+    print(f"config_id   {config_id}" + ("  (0b111: unroutable by definition)" if config_id == 7 else ""))
+    decoded = decode_cid(configs, cid)
+    if decoded is None:
+        known = ", ".join(str(c.config_id) for c in configs)
+        print(f"unroutable  (config IDs known: {known}; or shorter than the configuration's length)")
+        return EXIT_FAIL
+    sid, nonce = decoded
+    print(f"server_id   {sid.hex()}")
+    print(f"nonce       {nonce.hex()}")
+    if lbcfg is not None:
+        svc = lbcfg.service(args.service)
+        backend = svc.backend_by_server_id(sid)
+        if backend is None:
+            print(f"backend     none: server ID {sid.hex()} is not assigned in service {svc.name!r} (unroutable)")
+            return EXIT_FAIL
+        print(f"backend     {format_address(backend.address)} ({backend.state.value}) in service {svc.name!r}")
+    return EXIT_OK
+
+
+# -- keygen / check-config --------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    if args.output is None:
+        print(generate_key().hex())
+        return EXIT_OK
+    write_key_file(args.output, overwrite=args.force)
+    print(f"wrote a new 16-byte key to {args.output} (mode 0600)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    print(f"{cfg.path}: OK  version {cfg.version}  digest {cfg.digest}")
+    print(f"  inside {format_address(cfg.lb.inside)}  return_mode {cfg.lb.return_mode.value}"
+          f"  admin {format_address(cfg.lb.admin) if cfg.lb.admin else 'off'}")
+    for svc in cfg.services:
+        modes = ", ".join(f"{c.config_id}:{c.mode.value}" for c in svc.cid_configs)
+        states = [b.state.value for b in svc.backends]
+        print(f"  service {svc.name!r} vip {format_address(svc.vip)}  configs [{modes}]"
+              f"  backends {states.count('active')} active, {states.count('draining')} draining"
+              + ("  LINKABLE (plaintext CIDs)" if svc.linkable else ""))
+    return EXIT_OK
+
+
+# -- run --------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if args.workers > 1:
+        return _supervise(args)
+    from lb.adapters.event_loop import run  # noqa: PLC0415 - keep `quiclb cid` light
+    from lb.app import LoadBalancer, serve  # noqa: PLC0415
+
+    def ready(lb: LoadBalancer) -> None:
+        vips = ",".join(format_address(rt.vip) for rt in lb.services.values())
+        admin = format_address(lb.admin_address) if lb.admin_address else "off"
+        print(f"READY pid={os.getpid()} inside={format_address(cfg.lb.inside)} vips={vips} admin={admin}",
+              flush=True)
+
+    run(serve(cfg, ready, admin=not args.no_admin), loop=args.loop)
+    return EXIT_OK
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """``--workers N``: N LB processes in one SO_REUSEPORT group; only the first serves the admin API.
+
+    Stateless routing makes this safe: the kernel spreads datagrams over the
+    workers by 4-tuple and each decides exactly as the others would. SIGHUP,
+    SIGTERM and SIGINT are passed on to every worker.
+    """
+    base = [sys.executable, "-m", "lb", "run", "-c", str(args.config), "--loop", args.loop,
+            "--log-level", args.log_level]
+    procs = [subprocess.Popen(base + ([] if i == 0 else ["--no-admin"])) for i in range(args.workers)]
+
+    def relay(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, relay)
+    codes = [p.wait() for p in procs]
+    return max(codes, default=0)
+
+
+# -- demo ---------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lb.demo import run_demo  # noqa: PLC0415 - pulls in aioquic and the backends
+
+    return run_demo(workdir=args.workdir, keep=args.keep)
+
+
+# -- parser -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="quiclb", description="Stateless QUIC-LB load balancer (draft -21).")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the load balancer")
+    p.add_argument("-c", "--config", type=Path, required=True)
+    p.add_argument("--workers", type=int, default=1, help="LB processes sharing the sockets (SO_REUSEPORT)")
+    p.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
+    p.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_run)
+
+    cid = sub.add_parser("cid", help="the QUIC-LB codec: which backend owns this CID?")
+    cid_sub = cid.add_subparsers(dest="cid_command", required=True)
+    e = cid_sub.add_parser("encode", help="server ID (+ nonce) -> CID")
+    _add_codec_flags(e)
+    e.add_argument("--server-id", required=True, help="hex")
+    e.add_argument("--nonce", help="hex (default: random)")
+    e.set_defaults(func=cmd_cid_encode)
+    d = cid_sub.add_parser("decode", help="CID -> config ID, server ID, nonce (and backend with -c)")
+    _add_codec_flags(d)
+    d.add_argument("cid", help="CID as hex, first octet included")
+    d.set_defaults(func=cmd_cid_decode)
+
+    k = sub.add_parser("keygen", help="a fresh 16-byte AES-128 key (from `secrets`)")
+    k.add_argument("-o", "--output", type=Path, help="write it to this file with mode 0600 (default: print)")
+    k.add_argument("--force", action="store_true", help="replace an existing file")
+    k.set_defaults(func=cmd_keygen)
+
+    c = sub.add_parser("check-config", help="validate a configuration file")
+    c.add_argument("-c", "--config", type=Path, required=True)
+    c.set_defaults(func=cmd_check_config)
+
+    m = sub.add_parser("demo", help="LB + 3 backends on loopback, real QUIC clients, a report")
+    m.add_argument("--workdir", type=Path, help="where to write keys and config (default: a temp dir)")
+    m.add_argument("--keep", action="store_true", help="keep the work directory")
+    m.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        return int(args.func(args))
+    except (ConfigError, UsageError) as exc:
+        print(f"quiclb: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
