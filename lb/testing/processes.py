@@ -80,16 +80,25 @@ class ManagedProcess:
         if self.alive():
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        # The drain thread sees EOF once the process is gone; then the pipe can close.
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
         if self.alive():
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
-                return self.proc.wait(timeout=timeout)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
-        return self.proc.wait(timeout=10)
+        code = self.proc.wait(timeout=10)
+        self._close_pipe()
+        return code
 
     def wait_for_line(self, needle: str, timeout: float = 10.0, start: int = 0) -> str:
         """Wait until an output line (from index ``start``) contains ``needle``."""

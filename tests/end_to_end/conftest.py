@@ -1,0 +1,59 @@
+"""Fixtures for loopback end-to-end tests: deployments, LB processes, plain UDP test backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from lb.testing.deployment import BackendSpec, Deployment, ServiceSpec
+from lb.testing.processes import ManagedProcess, start_lb
+from lb.testing.udp_backend import UdpTestBackend
+
+
+@dataclass
+class UdpCluster:
+    dep: Deployment
+    backends: dict[str, UdpTestBackend] = field(default_factory=dict)
+    lbs: list[ManagedProcess] = field(default_factory=list)
+
+    def start_backend(self, spec: BackendSpec) -> UdpTestBackend:
+        b = UdpTestBackend((spec.host, spec.port), spec.server_id, self.dep.inside)
+        self.backends[spec.server_id] = b
+        return b
+
+    def start_lb(self, *extra: str, env: dict[str, str] | None = None) -> ManagedProcess:
+        p = start_lb(self.dep.path, *extra, env=env)
+        self.lbs.append(p)
+        return p
+
+    def admin(self, lb: ManagedProcess) -> tuple[str, int]:
+        host, port = lb.wait_ready()["admin"].rsplit(":", 1)
+        return host, int(port)
+
+    def close(self) -> None:
+        for p in self.lbs:
+            p.kill()
+        for b in self.backends.values():
+            b.close()
+
+
+def make_udp_cluster(tmp_path: Path, host: str = "127.0.0.1", n: int = 3) -> UdpCluster:
+    spec = ServiceSpec(vip_host=host, backends=[BackendSpec(f"{i:04x}", host=host) for i in range(1, n + 1)])
+    dep = Deployment(tmp_path, [spec], inside_host=host)
+    dep.write()
+    cluster = UdpCluster(dep)
+    for b in spec.backends:
+        cluster.start_backend(b)
+    return cluster
+
+
+@pytest.fixture
+def udp_cluster(tmp_path: Path) -> Iterator[UdpCluster]:
+    cluster = make_udp_cluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.close()

@@ -1,0 +1,241 @@
+"""The LB process over real loopback sockets, with plain UDP test backends (issue: stateless LB).
+
+Each test starts real ``quiclb run`` processes, sends real datagrams to the
+VIP and checks where they land, what address the backend saw, and where the
+replies come from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lb import CidConfig, encode_cid
+from lb.control.config import load_config
+from lb.control.table_builder import TableBuilder
+from lb.core.encapsulation import encode_proxy_header
+from lb.core.maglev import four_tuple_key
+from lb.testing.admin_client import admin_json, admin_request, metric_sum, scrape
+from lb.testing.datagrams import initial, short_header
+from lb.testing.deployment import BackendSpec
+from lb.testing.udp_backend import REPLY_PREFIX
+
+from .conftest import UdpCluster, make_udp_cluster
+
+TIMEOUT = 5.0
+
+
+def client_socket(host: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    s.settimeout(TIMEOUT)
+    return s
+
+
+def cid_config(cluster: UdpCluster) -> CidConfig:
+    return CidConfig(0, 2, 14, cluster.dep.key("echo", 0))
+
+
+def new_cid(cluster: UdpCluster, sid: str) -> bytes:
+    return encode_cid(cid_config(cluster), bytes.fromhex(sid), os.urandom(14))
+
+
+def exchange(sock: socket.socket, datagram: bytes, vip: tuple[str, int]) -> tuple[bytes, tuple[str, int]]:
+    sock.sendto(datagram, vip)
+    data, src = sock.recvfrom(65535)
+    return data, (src[0], src[1])
+
+
+def owner_of_reply(reply: bytes) -> str:
+    assert reply.startswith(REPLY_PREFIX), reply[:40]
+    return reply[len(REPLY_PREFIX) : len(REPLY_PREFIX) + 4].decode()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_cid_routed_datagrams_reach_their_owner_and_replies_leave_from_the_vip(tmp_path: Path, host: str) -> None:
+    cluster = make_udp_cluster(tmp_path, host)
+    try:
+        cluster.start_lb()
+        vip = cluster.dep.vip()
+        sock = client_socket(host)
+        me = sock.getsockname()[:2]
+        for sid in cluster.backends:
+            for _ in range(10):
+                dgram = short_header(new_cid(cluster, sid), payload_len=40)
+                reply, src = exchange(sock, dgram, vip)
+                assert src[:2] == vip  # the reply comes from the VIP, not from the backend
+                assert owner_of_reply(reply) == sid
+                assert reply.endswith(dgram)  # payload untouched both ways
+        for sid, backend in cluster.backends.items():
+            got = backend.wait_for(10)
+            assert len(got) == 10, sid
+            # The backend saw the real client address and the VIP, from the LB's inside address.
+            assert {(r.client[0], r.client[1]) for r in got} == {(socket.getaddrinfo(me[0], None)[0][4][0], me[1])}
+            assert {r.vip for r in got} == {vip}
+            assert {r.lb_source for r in got} == {cluster.dep.inside}
+        sock.close()
+    finally:
+        cluster.close()
+
+
+def predicted_fallback(cluster: UdpCluster, client: tuple[str, int]) -> str:
+    """The backend the keyed Maglev fallback must pick, computed here from the config file alone."""
+    cfg = load_config(cluster.dep.path)
+    table = TableBuilder().build(cfg, lambda _s, _b: True)["echo"]
+    sid = table.maglev.lookup(four_tuple_key(client, table.vip))
+    assert sid is not None
+    return sid.hex()
+
+
+def test_kill_9_and_restart_loses_no_route(udp_cluster: UdpCluster) -> None:
+    cluster = udp_cluster
+    vip = cluster.dep.vip()
+    socks = [client_socket() for _ in range(20)]
+    cids = {sid: [new_cid(cluster, sid) for _ in range(5)] for sid in cluster.backends}
+
+    def observe() -> tuple[dict[bytes, str], list[str]]:
+        routes = {}
+        for sid_cids in cids.values():
+            for cid in sid_cids:
+                reply, _ = exchange(socks[0], short_header(cid), vip)
+                routes[cid] = owner_of_reply(reply)
+        fallback = [owner_of_reply(exchange(s, initial(1, os.urandom(8), os.urandom(8)), vip)[0]) for s in socks]
+        return routes, fallback
+
+    lb = cluster.start_lb()
+    before = observe()
+    assert all(before[0][cid] == sid for sid, cs in cids.items() for cid in cs)
+    assert before[1] == [predicted_fallback(cluster, s.getsockname()) for s in socks]
+    for _ in range(3):
+        lb.kill()  # kill -9: no chance to hand over any state (there is none)
+        lb = cluster.start_lb()
+        assert observe() == before  # same CID routes, same fallback choices for the same 4-tuples
+    for s in socks:
+        s.close()
+
+
+def test_two_instances_in_one_reuseport_group_route_identically(udp_cluster: UdpCluster) -> None:
+    cluster = udp_cluster
+    lb_a = cluster.start_lb(env={"PYTHONHASHSEED": "1"})
+    lb_b = cluster.start_lb(env={"PYTHONHASHSEED": "2"})
+    vip = cluster.dep.vip()
+    socks = [client_socket() for _ in range(64)]  # many source ports: the kernel spreads them over both
+    for s in socks:
+        for sid in cluster.backends:
+            reply, _ = exchange(s, short_header(new_cid(cluster, sid)), vip)
+            assert owner_of_reply(reply) == sid
+        reply, _ = exchange(s, initial(1, os.urandom(8), os.urandom(8)), vip)
+        assert owner_of_reply(reply) == predicted_fallback(cluster, s.getsockname())
+    token = cluster.dep.token
+    per_instance = [metric_sum(scrape(cluster.admin(p), token), "quiclb_rx_client_datagrams_total")
+                    for p in (lb_a, lb_b)]
+    assert sum(per_instance) == len(socks) * 4
+    assert all(n > 0 for n in per_instance), per_instance  # both instances really took traffic
+    # One instance dies; the survivor takes over every flow, with the same answers.
+    lb_a.kill()
+    for s in socks[:16]:
+        reply, _ = exchange(s, initial(1, os.urandom(8), os.urandom(8)), vip)
+        assert owner_of_reply(reply) == predicted_fallback(cluster, s.getsockname())
+    for s in socks:
+        s.close()
+
+
+def test_inside_port_drops_datagrams_from_non_backends(udp_cluster: UdpCluster) -> None:
+    cluster = udp_cluster
+    lb = cluster.start_lb()
+    vip, token = cluster.dep.vip(), cluster.dep.token
+    victim = client_socket()
+    attacker = client_socket()
+    forged = encode_proxy_header(victim.getsockname(), vip) + b"reflected!"
+    for _ in range(20):
+        attacker.sendto(forged, cluster.dep.inside)
+    # Sentinel: a genuine reply to the victim, sent after the forgeries through a real backend.
+    backend = next(iter(cluster.backends.values()))
+    backend.sock.sendto(encode_proxy_header(victim.getsockname(), vip) + b"sentinel", cluster.dep.inside)
+    data, src = victim.recvfrom(2048)
+    assert data == b"sentinel" and src[:2] == vip  # nothing forged came first
+    samples = scrape(cluster.admin(lb), token)
+    assert metric_sum(samples, "quiclb_return_rejected_total", reason="source") == 20
+    victim.close()
+    attacker.close()
+
+
+def test_reload_adds_and_drains_backends_without_moving_cid_routes(udp_cluster: UdpCluster) -> None:
+    cluster = udp_cluster
+    lb = cluster.start_lb()
+    vip, token, admin = cluster.dep.vip(), cluster.dep.token, cluster.admin(lb)
+    sock = client_socket()
+    cids = {sid: [new_cid(cluster, sid) for _ in range(5)] for sid in cluster.backends}
+
+    def cid_routes() -> dict[bytes, str]:
+        return {cid: owner_of_reply(exchange(sock, short_header(cid), vip)[0]) for cs in cids.values() for cid in cs}
+
+    before = cid_routes()
+    # Add backend 0004 and drain 0002, then reload by signal.
+    spec = cluster.dep.services[0]
+    new = BackendSpec("0004")
+    spec.backends.append(new)
+    spec.backends[1].state = "draining"
+    cluster.dep.version = 2
+    cluster.dep.write()
+    cluster.start_backend(new)
+    lb.signal(signal.SIGHUP)
+    lb.wait_for_line("reloaded: config version 2")
+    assert cid_routes() == before  # no CID-routed datagram moved, the drained backend's included
+    reply, _ = exchange(sock, short_header(new_cid(cluster, "0004")), vip)
+    assert owner_of_reply(reply) == "0004"
+    # New (fallback) flows: never the draining backend; the new one gets its share.
+    socks = [client_socket() for _ in range(200)]
+    chosen = [owner_of_reply(exchange(s, initial(1, os.urandom(8), os.urandom(8)), vip)[0]) for s in socks]
+    assert "0002" not in chosen
+    assert 0.2 < chosen.count("0004") / len(chosen) < 0.5  # 1/3 expected among three active
+    status, backends = admin_json(admin, "/backends", token)
+    assert status == 200
+    assert {b["server_id"]: b["state"] for b in backends}["0002"] == "draining"
+    for s in socks:
+        s.close()
+    sock.close()
+
+
+def test_invalid_reload_changes_nothing(udp_cluster: UdpCluster) -> None:
+    cluster = udp_cluster
+    lb = cluster.start_lb()
+    vip, token, admin = cluster.dep.vip(), cluster.dep.token, cluster.admin(lb)
+    _, before = admin_json(admin, "/config", token)
+    sock = client_socket()
+    cid = new_cid(cluster, "0003")
+    good = cluster.dep.path.read_text()
+    cluster.dep.path.write_text(good.replace("nonce_len = 14", "nonce_len = 3", 1))
+    status, body = admin_request(admin, "POST", "/reload", token)
+    assert status >= 400
+    assert b"nonce_len" in body  # the error names the bad key
+    _, after = admin_json(admin, "/config", token)
+    assert after["digest"] == before["digest"] and after["version"] == before["version"]
+    assert owner_of_reply(exchange(sock, short_header(cid), vip)[0]) == "0003"
+    samples = scrape(admin, token)
+    assert metric_sum(samples, "quiclb_config_rejected_total") == 1
+    cluster.dep.path.write_text(good)
+    status, _ = admin_request(admin, "POST", "/reload", token)
+    assert status == 200
+    sock.close()
+
+
+def test_two_processes_with_different_hash_seeds_decide_identically(udp_cluster: UdpCluster) -> None:
+    """R-5: 10^5 mixed datagrams through a real Router in two processes, PYTHONHASHSEED 1 and 2."""
+    digests = []
+    for seed in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-m", "lb.testing.decisions", "-c", str(udp_cluster.dep.path), "--count", "100000"],
+            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": seed}, timeout=300,
+        )
+        digests.append(json.loads(out.stdout))
+    assert digests[0] == digests[1]
+    outcomes = digests[0]["outcomes"]
+    assert outcomes["CID_ROUTED"] > 10_000 and outcomes["FALLBACK_INITIAL"] > 10_000  # a real mix
