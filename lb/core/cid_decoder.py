@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 
-from lb.core.cid_cipher import AES_BLOCK_LEN, aes_ecb, feistel_decrypt, feistel_params
+from lb.core.cid_cipher import AES_BLOCK_LEN, FeistelParams, aes_ecb, feistel_decrypt, feistel_params
 from lb.core.cid_config import UNROUTABLE_CONFIG_ID, CidConfig, CidMode
 
 ConfigSet = CidConfig | Sequence[CidConfig] | Mapping[int, CidConfig]
@@ -148,32 +148,74 @@ class ConfigDecoder:
                 base = k * AES_BLOCK_LEN
                 out[i] = plain[base : base + sid_len]
             return out
-        params = feistel_params(n)
-        h, lm, rm = params.half_len, params.left_mask, params.right_mask
-        halves = [params.split(bytes(cids[i][1 : 1 + n])) for i in idx]
-        lefts = [lr[0] for lr in halves]
-        rights = [lr[1] for lr in halves]
-        encrypt = aes.encrypt
+        return _feistel_decode_many(aes.encrypt, feistel_params(n), sid_len, cids, idx=idx, out=out)
 
-        def f_many(pass_no: int, values: list[int]) -> list[int]:
-            suffix = params.suffixes[pass_no]
-            blob = encrypt(b"".join(v.to_bytes(h, "big") + suffix for v in values))
-            return [
-                int.from_bytes(blob[k * AES_BLOCK_LEN : k * AES_BLOCK_LEN + h], "big")
-                for k in range(len(values))
-            ]
 
-        lefts = [(a ^ b) & lm for a, b in zip(lefts, f_many(4, rights), strict=True)]
-        rights = [(a ^ b) & rm for a, b in zip(rights, f_many(3, lefts), strict=True)]
-        lefts = [(a ^ b) & lm for a, b in zip(lefts, f_many(2, rights), strict=True)]
-        if 2 * sid_len <= n:
-            for k, i in enumerate(idx):
-                out[i] = lefts[k].to_bytes(h, "big")[:sid_len]
-            return out
-        rights = [(a ^ b) & rm for a, b in zip(rights, f_many(1, lefts), strict=True)]
+def _feistel_decode_many(
+    encrypt: Callable[[bytes], bytes],
+    params: FeistelParams,
+    sid_len: int,
+    cids: Sequence[bytes],
+    *,
+    idx: list[int],
+    out: list[bytes | None],
+) -> list[bytes | None]:
+    """Four-pass decryption of a whole batch as a handful of big-integer operations.
+
+    Each half lives in the first ``half_len`` bytes of a 16-byte slot whose
+    remaining bytes are already the ``expand()`` suffix (zeros, n, pass). The
+    concatenated slots are the AES input of a pass as they are; XOR-ing the
+    masked AES output into the other half's slots (one big-int XOR for the
+    whole batch) leaves their suffix bytes intact, and changing the pass byte
+    is one more XOR. Per CID, Python only slices bytes at the start and the end.
+    """
+    n, h = params.n, params.half_len
+    count = len(idx)
+    pad = bytes(AES_BLOCK_LEN - h - 2)
+    width = count * AES_BLOCK_LEN
+
+    def repeat(slot: bytes) -> int:
+        return int.from_bytes(slot * count, "big")
+
+    # Masks over whole slots: nibble clearing inside the half, all-ones elsewhere
+    # (keeps the suffix), and "half only" for the AES outputs (truncate, T6).
+    keep_left = repeat(params.left_mask.to_bytes(h, "big") + b"\xff" * (AES_BLOCK_LEN - h))
+    keep_right = repeat(params.right_mask.to_bytes(h, "big") + b"\xff" * (AES_BLOCK_LEN - h))
+    out_left = repeat(params.left_mask.to_bytes(h, "big") + bytes(AES_BLOCK_LEN - h))
+    out_right = repeat(params.right_mask.to_bytes(h, "big") + bytes(AES_BLOCK_LEN - h))
+
+    def pass_byte(a: int, b: int) -> int:  # XOR that turns pass byte a into b in every slot
+        return repeat(bytes(AES_BLOCK_LEN - 1) + bytes((a ^ b,)))
+
+    lsuffix = pad + bytes((n, 3))  # left halves feed passes 3 then 1
+    rsuffix = pad + bytes((n, 4))  # right halves feed passes 4 then 2
+    left = int.from_bytes(b"".join([cids[i][1 : 1 + h] + lsuffix for i in idx]), "big") & keep_left
+    right = int.from_bytes(b"".join([cids[i][1 + n - h : 1 + n] + rsuffix for i in idx]), "big") & keep_right
+
+    def f(half: int) -> int:
+        return int.from_bytes(encrypt(half.to_bytes(width, "big")), "big")
+
+    left ^= f(right) & out_left  # L1 = L2 ^ F(4, R2), cleared
+    right ^= pass_byte(4, 2)
+    right ^= f(left) & out_right  # R1 = R2 ^ F(3, L1), cleared
+    left ^= pass_byte(3, 1)
+    left ^= f(right) & out_left  # L0 = L1 ^ F(2, R1), cleared
+    if 2 * sid_len <= n:  # 3-pass shortcut: the server ID lies in L0
+        lb = left.to_bytes(width, "big")
         for k, i in enumerate(idx):
-            out[i] = params.join(lefts[k], rights[k])[:sid_len]
+            base = k * AES_BLOCK_LEN
+            out[i] = lb[base : base + sid_len]
         return out
+    right ^= f(left) & out_right  # R0 = R1 ^ F(1, L0), cleared
+    lb, rb = left.to_bytes(width, "big"), right.to_bytes(width, "big")
+    for k, i in enumerate(idx):
+        base = k * AES_BLOCK_LEN
+        lh, rh = lb[base : base + h], rb[base : base + h]
+        if params.odd:
+            out[i] = (lh[:-1] + bytes((lh[-1] | rh[0],)) + rh[1:])[:sid_len]
+        else:
+            out[i] = (lh + rh)[:sid_len]
+    return out
 
 
 class CidDecoder:
