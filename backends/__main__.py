@@ -1,0 +1,7 @@
+"""``python -m backends``: the ``quiclb-backend`` command."""
+
+import sys
+
+from backends.cli import main
+
+sys.exit(main())

@@ -1,0 +1,186 @@
+"""Make aioquic issue QUIC-LB routable connection IDs; the only module naming aioquic privates.
+
+aioquic 1.7.2 has no CID-generator hook: the sequence-0 host CID is
+``os.urandom(connection_id_length)`` drawn in ``QuicConnection.__init__`` and
+every later one comes from ``QuicConnection._replenish_connection_ids``.
+``QuicServer.datagram_received`` builds the connection, then calls the public
+``create_protocol`` hook, and only afterwards enters ``connection.host_cid``
+into its routing dict and feeds the first datagram. So, from
+``create_protocol``, :func:`install_routable_cids` can
+
+* overwrite the sequence-0 CID in its three places (``_host_cids[0].cid``,
+  ``host_cid``, ``_local_initial_source_connection_id``; the last becomes the
+  ``initial_source_connection_id`` transport parameter), and
+* shadow the bound method ``_replenish_connection_ids`` with an instance
+  attribute that calls the stock method (which picks how many CIDs to issue,
+  their sequence numbers and stateless reset tokens) and then swaps the bytes
+  of every entry it appended.
+
+The same method runs after handshake completion and after every
+RETIRE_CONNECTION_ID, so all NEW_CONNECTION_ID CIDs go through the hook.
+
+Every CID must be exactly ``configuration.connection_id_length`` bytes because
+aioquic parses short headers with that one length (one CID length per process).
+
+``QuicServer._protocols`` is a plain dict keyed by every live CID; a new CID
+equal to a live one would silently re-point that entry to the new connection,
+so the generator checks new CIDs against it (:func:`is_live_cid`).
+
+Why private names are tolerable here: pyproject pins ``aioquic==1.7.2``, the
+install fails loudly when the internals look different, and
+``tests/backends`` decodes every CID a backend issues, so an upgrade that
+moves the internals fails the test suite.
+
+The client-side helpers at the end read the peer (server) CIDs a client
+connection holds; they serve the test client in :mod:`backends.client`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic.connection import NetworkAddress, QuicConnection
+
+#: How often a freshly generated CID may collide with a live one before we give up.
+MAX_CID_ATTEMPTS = 8
+
+
+class RoutableCidError(RuntimeError):
+    """The CID hook cannot be installed or cannot produce a usable CID."""
+
+
+def install_routable_cids(conn: QuicConnection, next_cid: Callable[[], bytes]) -> None:
+    """Make every host CID of ``conn`` come from ``next_cid()``.
+
+    Call once, before ``conn`` has handled any datagram: on a server inside
+    ``create_protocol``; on a client before ``connect()``. Raises
+    :class:`RoutableCidError` when the connection has already issued CIDs (the
+    hook would be too late) or when ``next_cid`` returns a CID of the wrong
+    length.
+    """
+    entries = conn._host_cids
+    if len(entries) != 1 or entries[0].sequence_number != 0 or getattr(conn, "_quiclb_hooked", False):
+        raise RoutableCidError("too late: the connection has already issued connection IDs")
+    size = conn.configuration.connection_id_length
+
+    def fresh() -> bytes:
+        cid = next_cid()
+        if len(cid) != size:  # short headers are parsed with exactly this length
+            raise RoutableCidError(f"CID must be {size} bytes (connection_id_length), got {len(cid)}")
+        return cid
+
+    first = fresh()
+    entries[0].cid = first
+    conn.host_cid = first
+    conn._local_initial_source_connection_id = first
+
+    stock = conn._replenish_connection_ids  # bound method of the class
+
+    def replenish() -> None:
+        before = len(conn._host_cids)
+        stock()  # aioquic picks the count, the sequence numbers and the reset tokens
+        for entry in conn._host_cids[before:]:
+            entry.cid = fresh()
+
+    conn._replenish_connection_ids = replenish  # type: ignore[method-assign]
+    conn._quiclb_hooked = True  # type: ignore[attr-defined]
+
+
+def unique_cid_source(
+    next_cid: Callable[[], bytes], is_taken: Callable[[bytes], bool], attempts: int = MAX_CID_ATTEMPTS
+) -> Callable[[], bytes]:
+    """Wrap ``next_cid`` so that it never returns a CID for which ``is_taken`` is true.
+
+    Raises :class:`RoutableCidError` after ``attempts`` collisions in a row (with a
+    non-repeating issuer that means the CID space is far too small).
+    """
+
+    def generate() -> bytes:
+        for _ in range(attempts):
+            cid = next_cid()
+            if not is_taken(cid):
+                return cid
+        raise RoutableCidError(f"{attempts} generated CIDs in a row collided with live CIDs")
+
+    return generate
+
+
+def is_live_cid(server: QuicServer, cid: bytes) -> bool:
+    """Whether ``cid`` is a key of the server's routing dict (a live CID of some connection)."""
+    return cid in server._protocols
+
+
+def live_cid_count(server: QuicServer) -> int:
+    """Number of CIDs (host CIDs plus clients' original DCIDs) the server routes."""
+    return len(server._protocols)
+
+
+def peer_cids(conn: QuicConnection) -> list[tuple[int, bytes]]:
+    """The peer CIDs a connection currently holds: ``(sequence_number, cid)``, in use first.
+
+    For a client these are the server-issued CIDs: sequence 0 is the server's
+    handshake SCID, the others came in NEW_CONNECTION_ID frames. The client's own
+    random Initial DCID (sequence ``None``) is left out.
+    """
+    found: list[tuple[int, bytes]] = []
+    current = conn._peer_cid
+    if current.sequence_number is not None:
+        found.append((current.sequence_number, current.cid))
+    for spare in conn._peer_cid_available:
+        found.append((spare.sequence_number, spare.cid))
+    for path in conn._network_paths:  # CIDs reserved for probing a new path
+        if path.peer_cid is not None:
+            found.append((path.peer_cid.sequence_number, path.peer_cid.cid))
+    return found
+
+
+def current_peer_cid(conn: QuicConnection) -> bytes:
+    """The DCID the connection currently sends in short-header packets."""
+    return conn._peer_cid.cid
+
+
+def host_cids(conn: QuicConnection) -> list[bytes]:
+    """The host CIDs a connection has issued and not yet seen retired."""
+    return [entry.cid for entry in conn._host_cids]
+
+
+def active_path_address(conn: QuicConnection) -> NetworkAddress | None:
+    """The peer address the connection currently sends to (its first network path)."""
+    paths = conn._network_paths
+    return paths[0].addr if paths else None
+
+
+#: QUIC version 2 (RFC 9369), whose long-header packet types are renumbered.
+QUIC_V2 = 0x6B3343CF
+
+
+def is_unknown_cid(
+    datagram: bytes, cid_len: int, supported_versions: frozenset[int], server: QuicServer
+) -> bool:
+    """Whether ``server`` drops ``datagram`` because its DCID belongs to no live connection.
+
+    Counted: a short header whose DCID, sliced at ``cid_len`` (the one length
+    aioquic parses short headers with), is not a live CID; a long header of a
+    supported version that is not an Initial (only Initials may open a
+    connection) with an unknown DCID. Not counted: unsupported versions (they get
+    Version Negotiation), Initials, and headers with the fixed bit clear.
+    Coalesced packets share the first packet's DCID, so only that one is read.
+    """
+    if not datagram:
+        return False
+    first = datagram[0]
+    if not first & 0x80:  # short header (RFC 9000 §17.3)
+        if not first & 0x40:
+            return False
+        return datagram[1 : 1 + cid_len] not in server._protocols
+    if len(datagram) < 6:
+        return False
+    version = int.from_bytes(datagram[1:5], "big")
+    if version not in supported_versions:
+        return False
+    initial_type = 0b01 if version == QUIC_V2 else 0b00  # RFC 9369 §3.2 vs RFC 9000 §17.2
+    if (first >> 4) & 0x3 == initial_type:
+        return False
+    dcid_len = datagram[5]
+    return datagram[6 : 6 + dcid_len] not in server._protocols

@@ -1,0 +1,140 @@
+"""What one backend process needs to know, taken from the shared TOML file (design §5).
+
+:class:`BackendSettings` is a frozen value: a reload builds a new one and the
+server swaps it in whole (or refuses it). Tests build it directly, without a
+file; the CLI builds it with :func:`settings_from_config`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lb.core.cid_config import CidConfig
+from lb.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lb.control.config import LbConfig
+
+Address = tuple[str, int]
+
+#: Return-path modes of design §4 (the values of ``[lb] return_mode``).
+RETURN_VIA_LB = "via-lb"
+RETURN_DIRECT = "direct"
+RETURN_MODES = (RETURN_VIA_LB, RETURN_DIRECT)
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """One backend's view of the configuration.
+
+    ``cid_configs`` lists the service's QUIC-LB configurations in file order;
+    new CIDs are minted with the last one (design §5: rotation appends).
+    """
+
+    #: This backend's server ID (``server_id_len`` bytes of the newest config).
+    server_id: bytes
+    #: Where the backend's UDP socket binds (the LB sends encapsulated datagrams here).
+    address: Address
+    #: The service's VIP: destination in reply headers, source of direct replies.
+    vip: Address
+    cid_configs: tuple[CidConfig, ...]
+    #: The LB's inside address: where ``via-lb`` replies go; also an accepted source.
+    lb_inside: Address
+    #: Further addresses LB instances send from (port 0 = any port of that IP).
+    lb_sources: tuple[Address, ...] = ()
+    return_mode: str = RETURN_VIA_LB
+    service: str = ""
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: QUIC versions to accept; ``None`` keeps aioquic's defaults.
+    supported_versions: tuple[int, ...] | None = None
+    #: Server IDs of every backend of the service (for error messages).
+    known_server_ids: tuple[bytes, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.cid_configs:
+            raise ConfigError(f"service {self.service!r}: at least one cid_config is needed")
+        if self.return_mode not in RETURN_MODES:
+            raise ConfigError(f"lb.return_mode: must be one of {RETURN_MODES}, got {self.return_mode!r}")
+        if len(self.server_id) != self.newest_cid_config.server_id_len:
+            raise ConfigError(
+                f"server_id {self.server_id.hex()}: must be {self.newest_cid_config.server_id_len} bytes "
+                "(server_id_len of the newest cid_config)"
+            )
+        if (self.certificate is None) != (self.private_key is None):
+            raise ConfigError(f"service {self.service!r}: certificate and private_key go together")
+
+    @property
+    def newest_cid_config(self) -> CidConfig:
+        return self.cid_configs[-1]
+
+    @property
+    def cid_len(self) -> int:
+        """Length of every CID this backend issues (aioquic's ``connection_id_length``)."""
+        return self.newest_cid_config.cid_len
+
+    @property
+    def lb_addresses(self) -> tuple[Address, ...]:
+        """Every address encapsulated datagrams may come from."""
+        return (self.lb_inside, *self.lb_sources)
+
+
+def _mode_text(mode: object) -> str:
+    """``ReturnMode`` is a str enum; accept it or a plain string."""
+    value = getattr(mode, "value", mode)
+    return str(value)
+
+
+def settings_from_config(config: LbConfig, server_id: bytes, service: str | None = None) -> BackendSettings:
+    """Select this backend's entry from a loaded configuration.
+
+    Raises :class:`ConfigError` naming the service's known server IDs when
+    ``server_id`` is not one of them.
+    """
+    svc = config.service(service)
+    backend = None
+    try:
+        backend = svc.backend_by_server_id(server_id)
+    except (KeyError, LookupError):
+        backend = None
+    known = tuple(b.server_id for b in svc.backends)
+    if backend is None:
+        names = ", ".join(sid.hex() for sid in known) or "none"
+        raise ConfigError(
+            f"server id {server_id.hex()} is not a backend of service {svc.name!r}; known server IDs: {names}"
+        )
+    lb = config.lb
+    versions = getattr(lb, "supported_versions", None)
+    return BackendSettings(
+        server_id=bytes(server_id),
+        address=backend.address,
+        vip=svc.vip,
+        cid_configs=tuple(svc.cid_configs),
+        lb_inside=lb.inside,
+        lb_sources=tuple(lb.lb_sources),
+        return_mode=_mode_text(lb.return_mode),
+        service=svc.name,
+        certificate=svc.certificate,
+        private_key=svc.private_key,
+        supported_versions=tuple(versions) if versions else None,
+        known_server_ids=known,
+    )
+
+
+def canonical_ip(host: str) -> str:
+    """Canonical text of an IP address; IPv4-mapped IPv6 becomes plain IPv4."""
+    addr = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def source_matcher(addresses: Sequence[Address]) -> tuple[frozenset[Address], frozenset[str]]:
+    """Exact (ip, port) pairs plus IPs allowed from any port (configured with port 0)."""
+    exact = frozenset((canonical_ip(h), p) for h, p in addresses if p != 0)
+    any_port = frozenset(canonical_ip(h) for h, p in addresses if p == 0)
+    return exact, any_port
