@@ -76,11 +76,17 @@ class Deployment:
     health_threshold: int = 3
     version: int = 1
     extra_lb: str = ""
+    #: Write one self-signed certificate for every service's backends (clients verify it via ``cert_path``).
+    tls: bool = False
     keys: dict[tuple[str, int], bytes] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
         return self.directory / "lb.toml"
+
+    @property
+    def cert_path(self) -> Path:
+        return self.directory / "tls" / "cert.pem"
 
     @property
     def token(self) -> str:
@@ -119,10 +125,14 @@ class Deployment:
             lines += [f'admin = "127.0.0.1:{self.admin_port}"', 'admin_token_file = "admin.token"']
         if self.extra_lb:
             lines.append(self.extra_lb)
+        if self.tls and not self.cert_path.exists():
+            _write_self_signed(self.cert_path, self.directory / "tls" / "key.pem")
         for svc in self.services:
             if svc.vip_port == 0:
                 svc.vip_port = free_udp_port(svc.vip_host)
             lines += ["", "[[service]]", f'name = "{svc.name}"', f'vip = "{fmt(svc.vip_host, svc.vip_port)}"']
+            if self.tls:
+                lines += ['certificate = "tls/cert.pem"', 'private_key = "tls/key.pem"']
             for c in svc.cid_configs:
                 lines += ["", "[[service.cid_config]]", f"config_id = {c.config_id}",
                           f"server_id_len = {c.server_id_len}", f"nonce_len = {c.nonce_len}",
@@ -145,3 +155,22 @@ class Deployment:
         tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(self.path)  # atomic: a reload never reads a half-written file
         return self.path
+
+
+def _write_self_signed(cert_path: Path, key_path: Path) -> None:
+    """A localhost certificate shared by a service's backends, so clients can verify it."""
+    import os  # noqa: PLC0415
+
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+    from backends.tls import generate_self_signed  # noqa: PLC0415 - test infrastructure only
+
+    identity = generate_self_signed("localhost")
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    cert_path.write_bytes(identity.certificate_pem)
+    pem = identity.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
