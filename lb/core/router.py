@@ -103,6 +103,8 @@ class Router:
     """
 
     def __init__(self, table: ServiceTable, *, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        if cache_size < 0:
+            raise ValueError(f"cache_size: must be >= 0 (0 disables the cache), got {cache_size}")
         self.table = table
         self._cache: dict[bytes, Backend] = {}
         self._cache_size = cache_size
@@ -145,9 +147,9 @@ class Router:
             backend = table.backends.get(sid)
             if backend is None:
                 if sid in table.tombstones:
-                    return self._unroutable_short(
-                        Outcome.FALLBACK_SHORT_UNKNOWN_SID, Outcome.REMOVED_BACKEND_DROPPED, client
-                    )
+                    # Always dropped, even with the fallback switch: the connection lived on a
+                    # backend that is gone, and any other backend would only answer garbage.
+                    return self._drop(Outcome.REMOVED_BACKEND_DROPPED)
                 return self._unroutable_short(
                     Outcome.FALLBACK_SHORT_UNKNOWN_SID, Outcome.UNKNOWN_SID_DROPPED, client
                 )
@@ -213,6 +215,8 @@ class Router:
 
     def _remember(self, dcid: bytes, backend: Backend) -> None:
         cache = self._cache
+        if self._cache_size == 0:
+            return
         if len(cache) >= self._cache_size:
             # FIFO: dicts keep insertion order, so the first key is the oldest.
             del cache[next(iter(cache))]
