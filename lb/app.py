@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -117,12 +118,12 @@ class LoadBalancer:
             len(cfg.services), _fmt(cfg.lb.inside), cfg.version, cfg.digest[:16],
         )
 
-    async def _open_service(self, name: str, vip: Address, router: Router) -> None:
+    async def _open_service(self, name: str, vip: Address, router: Router, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         vip_n = normalize_address(vip)
         forward = self._make_forward(name, vip_n)
         transport, protocol = await loop.create_datagram_endpoint(
-            lambda: VipProtocol(router, forward), sock=bind_udp(vip)
+            lambda: VipProtocol(router, forward), sock=sock if sock is not None else bind_udp(vip)
         )
         self.services[name] = _ServiceRuntime(router, vip_n, transport, protocol)
 
@@ -278,21 +279,32 @@ class LoadBalancer:
             return ReloadResult(True, "reloaded", new.version, new.digest)
 
     async def _apply(self, old: LbConfig, new: LbConfig) -> None:
-        # Build everything first; only then swap (a failure leaves the old state intact).
+        # Everything that can fail happens first (reuse check, binding new VIPs,
+        # building tables); only then is anything swapped, so a failed reload
+        # leaves the running state as it was.
+        now = time.time()
+        self.builder.check_reuse(new, now)
+        fresh: dict[str, socket.socket] = {}
+        try:
+            for svc in new.services:
+                rt = self.services.get(svc.name)
+                if rt is None or rt.vip != normalize_address(svc.vip):
+                    fresh[svc.name] = bind_udp(svc.vip)
+        except OSError:
+            for sock in fresh.values():
+                sock.close()
+            raise
         self.health.set_targets((s.name, b.server_id) for s in new.services for b in s.backends)
-        self.builder.note_reload(old, new, time.time())
+        self.builder.note_reload(old, new, now)
         tables = self.builder.build(new, self._healthy)
         new_names = {s.name for s in new.services}
-        for name in [n for n in self.services if n not in new_names]:
+        for name in [n for n in self.services if n not in new_names or n in fresh]:
             self.services.pop(name).transport.close()
         for svc in new.services:
-            rt = self.services.get(svc.name)
-            if rt is not None and rt.vip == normalize_address(svc.vip):
-                rt.router.set_table(tables[svc.name])
-                continue
-            if rt is not None:  # the VIP moved: new socket, same counters lost with the old router
-                self.services.pop(svc.name).transport.close()
-            await self._open_service(svc.name, svc.vip, Router(tables[svc.name]))
+            if svc.name in fresh:
+                await self._open_service(svc.name, svc.vip, Router(tables[svc.name]), fresh[svc.name])
+            else:
+                self.services[svc.name].router.set_table(tables[svc.name])
         self.return_path.reconfigure(self._backend_addresses(new), (s.vip for s in new.services), new.lb.inside)
         self.config = new
 

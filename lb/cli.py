@@ -159,7 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     def ready(lb: LoadBalancer) -> None:
         vips = ",".join(format_address(rt.vip) for rt in lb.services.values())
         admin = format_address(lb.admin_address) if lb.admin_address else "off"
-        print(f"READY pid={os.getpid()} inside={format_address(cfg.lb.inside)} vips={vips} admin={admin}",
+        tag = "WORKER-READY" if args.worker else "READY"
+        print(f"{tag} pid={os.getpid()} inside={format_address(cfg.lb.inside)} vips={vips} admin={admin}",
               flush=True)
 
     run(serve(cfg, ready, admin=not args.no_admin), loop=args.loop)
@@ -171,21 +172,47 @@ def _supervise(args: argparse.Namespace) -> int:
 
     Stateless routing makes this safe: the kernel spreads datagrams over the
     workers by 4-tuple and each decides exactly as the others would. SIGHUP,
-    SIGTERM and SIGINT are passed on to every worker.
+    SIGTERM and SIGINT are passed on to every worker. The supervisor prints its
+    own READY line once every worker is ready, and exits non-zero if any
+    worker did.
     """
     base = [sys.executable, "-m", "lb", "run", "-c", str(args.config), "--loop", args.loop,
-            "--log-level", args.log_level]
-    procs = [subprocess.Popen(base + ([] if i == 0 else ["--no-admin"])) for i in range(args.workers)]
+            "--log-level", args.log_level, "--worker"]
+    procs = [
+        subprocess.Popen(base + ([] if i == 0 else ["--no-admin"]), stdout=subprocess.PIPE, text=True, bufsize=1)
+        for i in range(args.workers)
+    ]
+    stopping = False
 
     def relay(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, relay)
+    ready: list[str] = []
+    for p in procs:  # workers announce readiness in start order; a dead one ends the wait
+        assert p.stdout is not None
+        for line in p.stdout:
+            if line.startswith("WORKER-READY"):
+                ready.append(line.split(maxsplit=1)[1].strip())
+                break
+            sys.stdout.write(line)
+    if len(ready) == len(procs) and not stopping:
+        fields = dict(tok.split("=", 1) for tok in ready[0].split())
+        pids = ",".join(str(p.pid) for p in procs)
+        print(f"READY pid={os.getpid()} workers={pids} inside={fields['inside']} vips={fields['vips']} "
+              f"admin={fields['admin']}", flush=True)
+    else:
+        relay(signal.SIGTERM, None)
     codes = [p.wait() for p in procs]
-    return max(codes, default=0)
+    for p in procs:
+        if p.stdout is not None:
+            p.stdout.close()
+    return EXIT_OK if all(c == 0 for c in codes) and len(ready) == len(procs) else EXIT_FAIL
 
 
 # -- demo ---------------------------------------------------------------------------
@@ -210,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="LB processes sharing the sockets (SO_REUSEPORT)")
     p.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     p.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_run)
 

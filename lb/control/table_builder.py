@@ -27,7 +27,8 @@ class TableBuilder:
 
     def __init__(self, tombstone_seconds: float = DEFAULT_TOMBSTONE_SECONDS) -> None:
         self.tombstone_seconds = tombstone_seconds
-        self._tombstones: dict[str, dict[bytes, float]] = {}  # service -> server ID -> expiry
+        # service -> server ID -> (expiry, address it had)
+        self._tombstones: dict[str, dict[bytes, tuple[float, tuple[str, int]]]] = {}
         self.builds = 0
 
     def note_reload(self, old: LbConfig | None, new: LbConfig, now: float) -> None:
@@ -41,7 +42,7 @@ class TableBuilder:
                 stones = self._tombstones.setdefault(svc.name, {})
                 for b in svc.backends:
                     if b.server_id not in kept:
-                        stones[b.server_id] = now + self.tombstone_seconds
+                        stones[b.server_id] = (now + self.tombstone_seconds, b.address)
         for svc in new.services:
             stones = self._tombstones.get(svc.name, {})
             for b in svc.backends:
@@ -51,10 +52,28 @@ class TableBuilder:
         """Drop expired tombstones; True when any expired (tables need a rebuild)."""
         changed = False
         for stones in self._tombstones.values():
-            for sid in [s for s, t in stones.items() if t <= now]:
+            for sid in [s for s, (t, _) in stones.items() if t <= now]:
                 del stones[sid]
                 changed = True
         return changed
+
+    def check_reuse(self, new: LbConfig, now: float) -> None:
+        """Refuse a config that gives a tombstoned server ID to another address.
+
+        Clients of the removed backend may still send its CIDs; a new backend
+        at another address with the same ID would receive them as garbage
+        (and could be steered at). Re-adding the same address is allowed.
+        """
+        for svc in new.services:
+            stones = self._tombstones.get(svc.name, {})
+            for b in svc.backends:
+                stone = stones.get(b.server_id)
+                if stone is not None and stone[1] != b.address:
+                    raise ConfigError(
+                        f"{new.path}: service {svc.name!r}: server ID {b.server_id.hex()} was removed from "
+                        f"{stone[1][0]}:{stone[1][1]} less than {self.tombstone_seconds:.0f} s ago; it can be "
+                        f"given to another address in {max(0.0, stone[0] - now):.0f} s"
+                    )
 
     def tombstones(self, service: str) -> frozenset[bytes]:
         return frozenset(self._tombstones.get(service, {}))

@@ -24,8 +24,9 @@ from lb.core.encapsulation import encode_proxy_header
 from lb.core.maglev import four_tuple_key
 from lb.testing.admin_client import admin_json, admin_request, metric_sum, scrape
 from lb.testing.datagrams import initial, short_header
-from lb.testing.deployment import BackendSpec
-from lb.testing.udp_backend import REPLY_PREFIX
+from lb.testing.deployment import BackendSpec, CidConfigSpec, Deployment, ServiceSpec
+from lb.testing.processes import start_lb as start_lb_process
+from lb.testing.udp_backend import REPLY_PREFIX, UdpTestBackend
 
 from .conftest import UdpCluster, make_udp_cluster
 
@@ -239,3 +240,101 @@ def test_two_processes_with_different_hash_seeds_decide_identically(udp_cluster:
     assert digests[0] == digests[1]
     outcomes = digests[0]["outcomes"]
     assert outcomes["CID_ROUTED"] > 10_000 and outcomes["FALLBACK_INITIAL"] > 10_000  # a real mix
+
+
+def test_two_services_in_one_process_keep_their_own_configs_and_backends(tmp_path: Path) -> None:
+    echo = ServiceSpec(name="echo", backends=[BackendSpec("0001"), BackendSpec("0002")])
+    web = ServiceSpec(name="web", cid_configs=[CidConfigSpec(config_id=1, server_id_len=3, nonce_len=5)],
+                      backends=[BackendSpec("000001"), BackendSpec("000002")])
+    dep = Deployment(tmp_path, [echo, web])
+    dep.write()
+    backends = [UdpTestBackend((b.host, b.port), b.server_id, dep.inside) for s in (echo, web) for b in s.backends]
+    lb = start_lb_process(dep.path)
+    try:
+        sock = client_socket()
+        echo_cfg = CidConfig(0, 2, 14, dep.key("echo", 0))
+        web_cfg = CidConfig(1, 3, 5, dep.key("web", 1))
+        for sid in ("0001", "0002"):
+            reply, src = exchange(sock, short_header(encode_cid(echo_cfg, bytes.fromhex(sid), os.urandom(14))),
+                                  dep.vip("echo"))
+            assert src == dep.vip("echo") and owner_of_reply(reply) == sid
+        for sid in ("000001", "000002"):
+            reply, src = exchange(sock, short_header(encode_cid(web_cfg, bytes.fromhex(sid), os.urandom(5))),
+                                  dep.vip("web"))
+            assert src == dep.vip("web")
+            assert reply.startswith(REPLY_PREFIX + sid.encode())
+        # A CID of one service sent to the other's VIP is not routable there (other config, other key).
+        sock.sendto(short_header(encode_cid(web_cfg, b"\x00\x00\x01", os.urandom(5))), dep.vip("echo"))
+        admin_host, admin_port = lb.wait_ready()["admin"].rsplit(":", 1)
+        admin = (admin_host, int(admin_port))
+        deadline = 50
+        while deadline:
+            samples = scrape(admin, dep.token)
+            if metric_sum(samples, "quiclb_unroutable_dropped_total", service="echo") == 1:
+                break
+            deadline -= 1
+            sock.settimeout(0.05)
+            try:
+                sock.recvfrom(2048)
+                raise AssertionError("a cross-service datagram was forwarded")
+            except TimeoutError:
+                pass
+        assert deadline, "the cross-service datagram was never counted"
+        sock.close()
+    finally:
+        lb.kill()
+        for b in backends:
+            b.close()
+
+
+def test_sigterm_stops_cleanly(udp_cluster: UdpCluster) -> None:
+    lb = udp_cluster.start_lb()
+    assert lb.stop(timeout=10) == 0
+    assert "stopped" in lb.output()
+
+
+def test_workers_share_the_sockets_and_stop_together(udp_cluster: UdpCluster) -> None:
+    cluster = udp_cluster
+    lb = cluster.start_lb("--workers", "2")
+    vip = cluster.dep.vip()
+    socks = [client_socket() for _ in range(32)]
+    for s in socks:
+        for sid in cluster.backends:
+            reply, _ = exchange(s, short_header(new_cid(cluster, sid)), vip)
+            assert owner_of_reply(reply) == sid
+    # The supervisor relays SIGTERM to its workers and exits once they have.
+    assert lb.stop(timeout=15) == 0
+    assert lb.output().count("quiclb INFO stopped") == 2  # both workers shut down cleanly
+    for s in socks:
+        s.close()
+
+
+def test_removed_backend_is_tombstoned_and_its_id_not_reassigned_early(udp_cluster: UdpCluster) -> None:
+    cluster = udp_cluster
+    lb = cluster.start_lb()
+    vip, token, admin = cluster.dep.vip(), cluster.dep.token, cluster.admin(lb)
+    sock = client_socket()
+    old_cid = new_cid(cluster, "0003")
+    assert owner_of_reply(exchange(sock, short_header(old_cid), vip)[0]) == "0003"
+    spec = cluster.dep.services[0]
+    removed = spec.backends.pop()
+    cluster.dep.write()
+    assert admin_request(admin, "POST", "/reload", token)[0] == 200
+    sock.sendto(short_header(old_cid), vip)
+    sentinel = short_header(new_cid(cluster, "0001"))
+    assert owner_of_reply(exchange(sock, sentinel, vip)[0]) == "0001"  # and nothing for the removed one came first
+    samples = scrape(admin, token)
+    assert metric_sum(samples, "quiclb_removed_backend_dropped_total") == 1
+    _, backends = admin_json(admin, "/backends", token)
+    assert {b["server_id"]: b["state"] for b in backends}["0003"] == "removed"
+    # Giving ID 0003 to another address before the tombstone expires is refused, whole.
+    spec.backends.append(BackendSpec("0003"))  # port 0: write() picks a fresh one
+    cluster.dep.write()
+    status, body = admin_request(admin, "POST", "/reload", token)
+    assert status == 422 and b"server ID 0003 was removed" in body
+    # Re-adding it at its old address is fine: the same backend is back.
+    spec.backends[-1] = removed
+    cluster.dep.write()
+    assert admin_request(admin, "POST", "/reload", token)[0] == 200
+    assert owner_of_reply(exchange(sock, short_header(old_cid), vip)[0]) == "0003"
+    sock.close()
