@@ -23,8 +23,14 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import QuicEvent, StreamDataReceived, StreamReset
 
 ECHO_ALPN = "quiclb-echo"
+#: HTTP/0.9 over QUIC, as the QUIC interop runner's clients speak it.
+HQ_ALPNS = ("hq-interop",)
 #: Every ALPN a backend offers, in preference order.
-BACKEND_ALPNS = (ECHO_ALPN, *H3_ALPN)
+BACKEND_ALPNS = (ECHO_ALPN, *H3_ALPN, *HQ_ALPNS)
+#: Largest body ``GET /bytes/N`` serves (transfer tests through the LB).
+MAX_BYTES_BODY = 64 * 1024 * 1024
+#: Longest HTTP/0.9 request line we buffer.
+MAX_HQ_REQUEST = 4096
 #: Largest HTTP request body kept for POST /echo; larger bodies get 413.
 MAX_H3_BODY = 1 << 20
 
@@ -108,6 +114,8 @@ class H3Application:
             status, ctype, body = 200, "text/html; charset=utf-8", self._index_page()
         elif path == "/echo" and request.method == "POST":
             status, ctype, body = 200, "application/octet-stream", bytes(request.body)
+        elif (size := bytes_path_size(path)) is not None and request.method in ("GET", "HEAD"):
+            status, ctype, body = 200, "application/octet-stream", bytes(size)
         elif path in ("/", "/echo"):
             status, ctype, body = 405, "text/plain; charset=utf-8", b"method not allowed\n"
         else:
@@ -126,19 +134,70 @@ class H3Application:
         self._h3.send_data(stream_id, body, end_stream=True)
 
     def _index_page(self) -> bytes:
-        sid = html.escape(self._identity.server_id.hex())
-        service = html.escape(self._identity.service or "-")
-        return (
-            "<!doctype html>\n<html><head><title>quiclb backend " + sid + "</title></head>\n"
-            "<body><h1>quiclb backend</h1>\n"
-            "<p>server_id=" + sid + "</p>\n<p>service=" + service + "</p>\n</body></html>\n"
-        ).encode()
+        return index_page(self._identity)
+
+
+def bytes_path_size(path: str) -> int | None:
+    """``/bytes/N`` -> N (0..MAX_BYTES_BODY), else ``None``."""
+    prefix = "/bytes/"
+    if not path.startswith(prefix) or not path[len(prefix) :].isdigit():
+        return None
+    size = int(path[len(prefix) :])
+    return size if size <= MAX_BYTES_BODY else None
+
+
+def index_page(identity: BackendIdentity) -> bytes:
+    sid = html.escape(identity.server_id.hex())
+    service = html.escape(identity.service or "-")
+    return (
+        "<!doctype html>\n<html><head><title>quiclb backend " + sid + "</title></head>\n"
+        "<body><h1>quiclb backend</h1>\n"
+        "<p>server_id=" + sid + "</p>\n<p>service=" + service + "</p>\n</body></html>\n"
+    ).encode()
+
+
+class HqApplication:
+    """HTTP/0.9 over QUIC (``hq-interop``): ``GET /`` and ``GET /bytes/N``; anything else gets an empty body.
+
+    The interop runner's clients speak it; supporting it lets off-the-shelf
+    QUIC clients (quic-go, ngtcp2, quiche, ... interop builds) talk to a backend.
+    """
+
+    def __init__(self, quic: QuicConnection, identity: BackendIdentity) -> None:
+        self._quic = quic
+        self._identity = identity
+        self._pending: dict[int, bytearray] = {}
+
+    def handle_event(self, event: QuicEvent) -> None:
+        if not isinstance(event, StreamDataReceived) or event.stream_id & 0x2:
+            return
+        buf = self._pending.setdefault(event.stream_id, bytearray())
+        if len(buf) + len(event.data) > MAX_HQ_REQUEST:
+            self._pending.pop(event.stream_id, None)
+            self._quic.reset_stream(event.stream_id, 0)
+            return
+        buf += event.data
+        if not event.end_stream and b"\n" not in buf:
+            return
+        del self._pending[event.stream_id]
+        line = bytes(buf).split(b"\n", 1)[0].strip()
+        parts = line.split()
+        path = parts[1].decode("ascii", "replace") if len(parts) == 2 and parts[0] == b"GET" else ""
+        if path == "/":
+            body = index_page(self._identity)
+        elif (size := bytes_path_size(path)) is not None:
+            body = bytes(size)
+        else:
+            body = b""
+        self._quic.send_stream_data(event.stream_id, body, end_stream=True)
 
 
 def application_for(alpn: str | None, quic: QuicConnection, identity: BackendIdentity) -> Application | None:
     """The application for a negotiated ALPN, or ``None`` for one we do not serve."""
     if alpn == ECHO_ALPN:
         return EchoApplication(quic)
+    if alpn in HQ_ALPNS:
+        return HqApplication(quic, identity)
     if alpn in H3_ALPN:
         return H3Application(quic, identity)
     return None
