@@ -40,7 +40,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.packet import pull_quic_transport_parameters, push_quic_transport_parameters
 
 #: How often a freshly generated CID may collide with a live one before we give up.
 MAX_CID_ATTEMPTS = 8
@@ -50,8 +52,16 @@ class RoutableCidError(RuntimeError):
     """The CID hook cannot be installed or cannot produce a usable CID."""
 
 
-def install_routable_cids(conn: QuicConnection, next_cid: Callable[[], bytes]) -> None:
+def install_routable_cids(
+    conn: QuicConnection, next_cid: Callable[[], bytes], *, single_cid: bool = False
+) -> None:
     """Make every host CID of ``conn`` come from ``next_cid()``.
+
+    ``single_cid``: give the client exactly one CID for the life of the
+    connection (no NEW_CONNECTION_ID frames) and send the
+    ``disable_active_migration`` transport parameter. Draft -21 §9 asks this of
+    plaintext configurations (every further CID would be linkable anyway) and
+    §3.2 of servers issuing 0b111 CIDs.
 
     Call once, before ``conn`` has handled any datagram: on a server inside
     ``create_protocol``; on a client before ``connect()``. Raises
@@ -83,8 +93,31 @@ def install_routable_cids(conn: QuicConnection, next_cid: Callable[[], bytes]) -
         for entry in conn._host_cids[before:]:
             entry.cid = fresh()
 
-    conn._replenish_connection_ids = replenish  # type: ignore[method-assign]
+    if single_cid:
+        _restrict_to_one_cid(conn)
+    else:
+        conn._replenish_connection_ids = replenish  # type: ignore[method-assign]
     conn._quiclb_hooked = True  # type: ignore[attr-defined]
+
+
+def _restrict_to_one_cid(conn: QuicConnection) -> None:
+    """No CIDs beyond sequence 0, and ``disable_active_migration`` in our transport parameters."""
+
+    def no_new_cids() -> None:
+        return None
+
+    conn._replenish_connection_ids = no_new_cids  # type: ignore[method-assign]
+    stock = conn._serialize_transport_parameters
+
+    def serialize() -> bytes:
+        # aioquic has no setting for this parameter: re-encode its own output with it set.
+        params = pull_quic_transport_parameters(Buffer(data=stock()))
+        params.disable_active_migration = True
+        buf = Buffer(capacity=4096)
+        push_quic_transport_parameters(buf, params)
+        return buf.data
+
+    conn._serialize_transport_parameters = serialize  # type: ignore[method-assign]
 
 
 def unique_cid_source(

@@ -252,7 +252,11 @@ class BackendServer:
         def taken(cid: bytes) -> bool:
             return cid == odcid or is_live_cid(server, cid)
 
-        install_routable_cids(connection, unique_cid_source(self._next_cid, taken))
+        # Plaintext CIDs are linkable: issue just the handshake SCID and ask the
+        # client not to migrate (draft -21 §9); likewise once the issuer is out
+        # of nonces and hands out 0b111 CIDs (§3.2).
+        single = self._issuer.cfg.key is None or self._issuer.exhausted
+        install_routable_cids(connection, unique_cid_source(self._next_cid, taken), single_cid=single)
         self.stats.connections_open += 1
         self.stats.connections_total += 1
         protocol = BackendProtocol(connection, stream_handler, backend=self)

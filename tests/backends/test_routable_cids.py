@@ -7,9 +7,11 @@ import ssl
 from types import SimpleNamespace
 
 import pytest
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted
+from aioquic.quic.packet import pull_quic_transport_parameters
 
 from backends.apps import ECHO_ALPN
 from backends.routable_cids import (
@@ -23,6 +25,7 @@ from backends.routable_cids import (
 )
 from backends.testing import TEST_CID_CONFIG
 from backends.tls import generate_self_signed
+from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import decode_server_id
 from lb.core.cid_issuer import CidIssuer
 
@@ -33,15 +36,15 @@ IDENTITY = generate_self_signed()
 MAX_ROUNDS = 50
 
 
-def make_server(issuer: CidIssuer, odcid: bytes) -> QuicConnection:
+def make_server(issuer: CidIssuer, odcid: bytes, *, single_cid: bool = False) -> QuicConnection:
     config = QuicConfiguration(is_client=False, alpn_protocols=[ECHO_ALPN], connection_id_length=issuer.cid_len)
     IDENTITY.apply(config)
     server = QuicConnection(configuration=config, original_destination_connection_id=odcid)
-    install_routable_cids(server, issuer.next_cid)
+    install_routable_cids(server, issuer.next_cid, single_cid=single_cid)
     return server
 
 
-def handshake(issuer: CidIssuer) -> tuple[QuicConnection, QuicConnection]:
+def handshake(issuer: CidIssuer, *, single_cid: bool = False) -> tuple[QuicConnection, QuicConnection]:
     """Run a handshake in memory; the server is built (and hooked) on the first datagram."""
     client = QuicConnection(
         configuration=QuicConfiguration(is_client=True, alpn_protocols=[ECHO_ALPN], verify_mode=ssl.CERT_NONE)
@@ -53,7 +56,7 @@ def handshake(issuer: CidIssuer) -> tuple[QuicConnection, QuicConnection]:
         moved = False
         for data, _addr in client.datagrams_to_send(now=now):
             if server is None:
-                server = make_server(issuer, client.original_destination_connection_id)
+                server = make_server(issuer, client.original_destination_connection_id, single_cid=single_cid)
             server.receive_datagram(data, CLIENT_ADDR, now=now)
             moved = True
         assert server is not None
@@ -160,3 +163,20 @@ def long_header(first: int, version: int, dcid: bytes) -> bytes:
 )
 def test_unknown_cid_classification(datagram: bytes, unknown: bool) -> None:
     assert is_unknown_cid(datagram, 17, VERSIONS, SERVER) is unknown
+
+
+def test_s2_plaintext_mode_issues_one_cid_and_disables_migration() -> None:
+    """Draft -21 §9: with linkable (plaintext) CIDs, only the handshake SCID and disable_active_migration."""
+    plain = CidConfig(0, 2, 14)
+    issuer = CidIssuer(plain, SERVER_ID)
+    client, server = handshake(issuer, single_cid=True)
+    issued = peer_cids(client)
+    assert [seq for seq, _ in issued] == [0]  # no NEW_CONNECTION_ID at all
+    assert decode_server_id(plain, issued[0][1]) == SERVER_ID
+    assert issuer.issued == 1
+    params = pull_quic_transport_parameters(Buffer(data=server._serialize_transport_parameters()))
+    assert params.disable_active_migration is True
+    # The default (encrypted) mode advertises migration as usual.
+    _c, normal = handshake(CidIssuer(TEST_CID_CONFIG, SERVER_ID))
+    normal_params = pull_quic_transport_parameters(Buffer(data=normal._serialize_transport_parameters()))
+    assert not normal_params.disable_active_migration
