@@ -7,6 +7,7 @@ buffer so a chatty process can never block on a full pipe.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import signal
@@ -14,10 +15,22 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 READY_TIMEOUT = 20.0
+
+# Every live child, so that an interpreter exit (a crashed test run, an
+# exception in the demo) never leaves an orphan LB or backend running.
+_LIVE: weakref.WeakSet[ManagedProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for p in list(_LIVE):
+        if p.alive():
+            p.proc.kill()
 
 
 class ProcessError(RuntimeError):
@@ -42,6 +55,7 @@ class ManagedProcess:
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._drain, name=f"drain-{self.name}", daemon=True)
         self._reader.start()
+        _LIVE.add(self)
 
     def _drain(self) -> None:
         assert self.proc.stdout is not None
