@@ -13,6 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -338,3 +340,43 @@ def test_removed_backend_is_tombstoned_and_its_id_not_reassigned_early(udp_clust
     assert admin_request(admin, "POST", "/reload", token)[0] == 200
     assert owner_of_reply(exchange(sock, short_header(old_cid), vip)[0]) == "0003"
     sock.close()
+
+
+def test_r17_crashed_backend_leaves_the_fallback_within_probe_interval_times_threshold(
+    udp_cluster: UdpCluster,
+) -> None:
+    """Health probes (0.5 s x 3) take a dead backend out of new-flow placement within 2.5 s; it comes back."""
+    cluster = udp_cluster
+    lb = cluster.start_lb()
+    vip, token, admin = cluster.dep.vip(), cluster.dep.token, cluster.admin(lb)
+
+    def healthy(sid: str) -> bool:
+        _, views = admin_json(admin, "/backends", token)
+        return bool({v["server_id"]: v["healthy"] for v in views}[sid])
+
+    def wait(predicate: Callable[[], bool], limit: float) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit:
+            if predicate():
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        raise AssertionError(f"condition not met within {limit} s")
+
+    wait(lambda: all(healthy(s) for s in cluster.backends), 5.0)
+    victim = cluster.backends.pop("0002")
+    victim_addr = victim.address
+    victim.close()  # the backend process is gone: probes go unanswered
+    took = wait(lambda: not healthy("0002"), 2.5)
+    assert took <= 2.5
+    socks = [client_socket() for _ in range(60)]
+    chosen = [owner_of_reply(exchange(s, initial(1, os.urandom(8), os.urandom(8)), vip)[0]) for s in socks]
+    assert "0002" not in chosen and set(chosen) == {"0001", "0003"}
+    samples = scrape(admin, token)
+    assert metric_sum(samples, "quiclb_backend_healthy", backend="0002") == 0
+    # It restarts at the same address: one answered probe brings it back into rotation.
+    cluster.backends["0002"] = UdpTestBackend(victim_addr, "0002", cluster.dep.inside)
+    wait(lambda: healthy("0002"), 2.5)
+    chosen = [owner_of_reply(exchange(s, initial(1, os.urandom(8), os.urandom(8)), vip)[0]) for s in socks]
+    assert "0002" in chosen
+    for s in socks:
+        s.close()
