@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from lb.adapters.asyncio_endpoint import CallbackProtocol, VipProtocol
+from lb.adapters.batched_socket import batched_io_available, open_datagram_port
 from lb.adapters.udp_socket import bind_udp
 from lb.control.config import BackendState, LbConfig, load_config
 from lb.control.snapshot import BackendView, LbSnapshot, ReloadResult, ServiceView
@@ -62,9 +63,14 @@ class _Counters:
 class LoadBalancer:
     """One LB process. ``start`` binds and serves; ``reload`` swaps configurations atomically."""
 
-    def __init__(self, config: LbConfig, *, admin: bool = True) -> None:
+    def __init__(self, config: LbConfig, *, admin: bool = True, io: str = "asyncio") -> None:
+        if io not in ("asyncio", "batched"):
+            raise ValueError(f"io: must be 'asyncio' or 'batched', got {io!r}")
+        if io == "batched" and not batched_io_available():
+            raise LbError("--io batched needs recvmmsg/sendmmsg (Linux)")
         self.config = config
         self.admin_enabled = admin
+        self.io = io
         lb = config.lb
         self.builder = TableBuilder()
         self.health: HealthTracker[HealthKey] = HealthTracker(
@@ -98,8 +104,8 @@ class LoadBalancer:
         cfg = self.config
         self.health.set_targets((s.name, b.server_id) for s in cfg.services for b in s.backends)
         tables = self.builder.build(cfg, self._healthy)
-        self.inside_transport, _ = await loop.create_datagram_endpoint(
-            lambda: CallbackProtocol(self._on_inside), sock=bind_udp(cfg.lb.inside)
+        self.inside_transport, _ = await open_datagram_port(
+            bind_udp(cfg.lb.inside), lambda: CallbackProtocol(self._on_inside), self.io
         )
         # The health checker is a client of its own: probes carry this socket's
         # address, and their VN answers come back through the return path.
@@ -119,12 +125,12 @@ class LoadBalancer:
         )
 
     async def _open_service(self, name: str, vip: Address, router: Router, sock: socket.socket | None = None) -> None:
-        loop = asyncio.get_running_loop()
         vip_n = normalize_address(vip)
         forward = self._make_forward(name, vip_n)
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: VipProtocol(router, forward), sock=sock if sock is not None else bind_udp(vip)
+        transport, protocol = await open_datagram_port(
+            sock if sock is not None else bind_udp(vip), lambda: VipProtocol(router, forward), self.io
         )
+        assert isinstance(protocol, VipProtocol)
         self.services[name] = _ServiceRuntime(router, vip_n, transport, protocol)
 
     async def _start_admin(self) -> None:
@@ -382,9 +388,10 @@ async def serve(
     ready: Callable[[LoadBalancer], Awaitable[None] | None] | None = None,
     *,
     admin: bool = True,
+    io: str = "asyncio",
 ) -> None:
     """Run one LB process until SIGTERM/SIGINT (``admin=False``: no admin API, for extra workers)."""
-    lb = LoadBalancer(config, admin=admin)
+    lb = LoadBalancer(config, admin=admin, io=io)
     await lb.start()
     lb.install_signal_handlers()
     if ready is not None:

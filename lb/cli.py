@@ -163,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{tag} pid={os.getpid()} inside={format_address(cfg.lb.inside)} vips={vips} admin={admin}",
               flush=True)
 
-    run(serve(cfg, ready, admin=not args.no_admin), loop=args.loop)
+    run(serve(cfg, ready, admin=not args.no_admin, io=args.io), loop=args.loop)
     return EXIT_OK
 
 
@@ -176,7 +176,7 @@ def _supervise(args: argparse.Namespace) -> int:
     own READY line once every worker is ready, and exits non-zero if any
     worker did.
     """
-    base = [sys.executable, "-m", "lb", "run", "-c", str(args.config), "--loop", args.loop,
+    base = [sys.executable, "-m", "lb", "run", "-c", str(args.config), "--loop", args.loop, "--io", args.io,
             "--log-level", args.log_level, "--worker"]
     procs = [
         subprocess.Popen(base + ([] if i == 0 else ["--no-admin"]), stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", type=Path, required=True)
     p.add_argument("--workers", type=int, default=1, help="LB processes sharing the sockets (SO_REUSEPORT)")
     p.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
+    p.add_argument("--io", default="asyncio", choices=["asyncio", "batched"],
+                   help="datagram I/O: the event loop's endpoints, or recvmmsg/sendmmsg batches (Linux)")
     p.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

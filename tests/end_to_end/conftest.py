@@ -16,6 +16,7 @@ from lb.testing.udp_backend import UdpTestBackend
 @dataclass
 class UdpCluster:
     dep: Deployment
+    io: str = "asyncio"
     backends: dict[str, UdpTestBackend] = field(default_factory=dict)
     lbs: list[ManagedProcess] = field(default_factory=list)
 
@@ -25,7 +26,7 @@ class UdpCluster:
         return b
 
     def start_lb(self, *extra: str, env: dict[str, str] | None = None) -> ManagedProcess:
-        p = start_lb(self.dep.path, *extra, env=env)
+        p = start_lb(self.dep.path, "--io", self.io, *extra, env=env)
         self.lbs.append(p)
         return p
 
@@ -40,19 +41,20 @@ class UdpCluster:
             b.close()
 
 
-def make_udp_cluster(tmp_path: Path, host: str = "127.0.0.1", n: int = 3) -> UdpCluster:
+def make_udp_cluster(tmp_path: Path, host: str = "127.0.0.1", n: int = 3, io: str = "asyncio") -> UdpCluster:
     spec = ServiceSpec(vip_host=host, backends=[BackendSpec(f"{i:04x}", host=host) for i in range(1, n + 1)])
     dep = Deployment(tmp_path, [spec], inside_host=host)
     dep.write()
-    cluster = UdpCluster(dep)
+    cluster = UdpCluster(dep, io)
     for b in spec.backends:
         cluster.start_backend(b)
     return cluster
 
 
-@pytest.fixture
-def udp_cluster(tmp_path: Path) -> Iterator[UdpCluster]:
-    cluster = make_udp_cluster(tmp_path)
+@pytest.fixture(params=["asyncio", "batched"])
+def udp_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[UdpCluster]:
+    """A cluster whose LB runs on asyncio endpoints or on recvmmsg/sendmmsg batches (``--io``)."""
+    cluster = make_udp_cluster(tmp_path, io=request.param)
     try:
         yield cluster
     finally:

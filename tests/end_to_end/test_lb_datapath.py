@@ -61,9 +61,12 @@ def owner_of_reply(reply: bytes) -> str:
     return reply[len(REPLY_PREFIX) : len(REPLY_PREFIX) + 4].decode()
 
 
+@pytest.mark.parametrize("io", ["asyncio", "batched"])
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_cid_routed_datagrams_reach_their_owner_and_replies_leave_from_the_vip(tmp_path: Path, host: str) -> None:
-    cluster = make_udp_cluster(tmp_path, host)
+def test_cid_routed_datagrams_reach_their_owner_and_replies_leave_from_the_vip(
+    tmp_path: Path, host: str, io: str
+) -> None:
+    cluster = make_udp_cluster(tmp_path, host, io=io)
     try:
         cluster.start_lb()
         vip = cluster.dep.vip()
