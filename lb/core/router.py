@@ -95,6 +95,22 @@ class RouterStats:
 RouteDecision = tuple[Outcome, Backend | None]
 
 
+class _CidRoute:
+    """A (configuration, backend) pair that DCIDs decode to: the decode cache's values.
+
+    Holding the pre-built decision and the pair's counter here makes a cache hit
+    one dict lookup and one increment: no tuple, no label lookup per datagram.
+    """
+
+    __slots__ = ("config_id", "count", "decision", "label")
+
+    def __init__(self, config_id: int, backend: Backend) -> None:
+        self.config_id = config_id
+        self.label = backend.label
+        self.count = 0
+        self.decision: RouteDecision = (Outcome.CID_ROUTED, backend)
+
+
 class Router:
     """Routes the datagrams of one service against its current :class:`ServiceTable`.
 
@@ -106,16 +122,22 @@ class Router:
         if cache_size < 0:
             raise ValueError(f"cache_size: must be >= 0 (0 disables the cache), got {cache_size}")
         self.table = table
-        self._cache: dict[bytes, Backend] = {}
+        self._cache: dict[bytes, _CidRoute] = {}
         self._cache_size = cache_size
-        self._counts = [0] * len(_OUTCOMES)
+        self._counts = [0] * len(_OUTCOMES)  # CID_ROUTED lives in the _CidRoute counters
         self._malformed: dict[str, int] = {}
-        self._cid_routed: dict[tuple[int, str], int] = {}
+        self._routes: dict[tuple[int, bytes], _CidRoute] = {}  # of the current table
+        self._retired_cid_routed: dict[tuple[int, str], int] = {}  # counts of earlier tables' routes
         self._cipher_calls = 0
         self._evictions = 0
         self._rx = 0
 
     def set_table(self, table: ServiceTable) -> None:
+        # Counters are monotonic: fold the old table's per-route counts into the totals.
+        for route in self._routes.values():
+            key = (route.config_id, route.label)
+            self._retired_cid_routed[key] = self._retired_cid_routed.get(key, 0) + route.count
+        self._routes = {}
         self._cache = {}
         self.table = table
 
@@ -139,9 +161,10 @@ class Router:
             if dec is None or size < 1 + dec.cid_len:
                 return self._unroutable_short(Outcome.FALLBACK_NO_CONFIG, Outcome.UNROUTABLE_DROPPED, client)
             dcid = datagram[1 : 1 + dec.cid_len]
-            backend = self._cache.get(dcid)
-            if backend is not None:
-                return self._cid_route(dec.cfg.config_id, backend)
+            route = self._cache.get(dcid)
+            if route is not None:
+                route.count += 1
+                return route.decision
             self._cipher_calls += dec.cfg.lb_passes
             sid = dec.decode(dcid)
             backend = table.backends.get(sid)
@@ -153,8 +176,7 @@ class Router:
                 return self._unroutable_short(
                     Outcome.FALLBACK_SHORT_UNKNOWN_SID, Outcome.UNKNOWN_SID_DROPPED, client
                 )
-            self._remember(dcid, backend)
-            return self._cid_route(dec.cfg.config_id, backend)
+            return self._cid_route(dcid, dec.cfg.config_id, backend)
 
         try:
             fields = parse_routing_fields_untrusted(datagram, table.supported_versions)
@@ -171,25 +193,28 @@ class Router:
         dec = table.decoder.by_config_id[dcid[0] >> 5] if dcid else None
         if dec is not None and len(dcid) >= dec.cid_len:
             key = dcid[: dec.cid_len]
-            backend = self._cache.get(key)
-            if backend is None:
-                self._cipher_calls += dec.cfg.lb_passes
-                backend = table.backends.get(dec.decode(key))
-                if backend is not None:
-                    self._remember(key, backend)
+            route = self._cache.get(key)
+            if route is not None:
+                route.count += 1
+                return route.decision
+            self._cipher_calls += dec.cfg.lb_passes
+            backend = table.backends.get(dec.decode(key))
             if backend is not None:
-                return self._cid_route(dec.cfg.config_id, backend)
+                return self._cid_route(key, dec.cfg.config_id, backend)
             if supported:
                 reason = Outcome.FALLBACK_UNKNOWN_SID
         return self._fallback(reason, client)
 
     # -- outcomes -------------------------------------------------------------
 
-    def _cid_route(self, config_id: int, backend: Backend) -> RouteDecision:
-        self._counts[Outcome.CID_ROUTED] += 1
-        key = (config_id, backend.label)
-        self._cid_routed[key] = self._cid_routed.get(key, 0) + 1
-        return Outcome.CID_ROUTED, backend
+    def _cid_route(self, dcid: bytes, config_id: int, backend: Backend) -> RouteDecision:
+        """A decoded (cache-miss) CID route: count it and remember the DCID."""
+        route = self._routes.get((config_id, backend.server_id))
+        if route is None:
+            route = self._routes[(config_id, backend.server_id)] = _CidRoute(config_id, backend)
+        route.count += 1
+        self._remember(dcid, route)
+        return route.decision
 
     def _fallback(self, outcome: Outcome, client: Address) -> RouteDecision:
         table = self.table
@@ -213,7 +238,7 @@ class Router:
         self._malformed[reason] = self._malformed.get(reason, 0) + 1
         return Outcome.MALFORMED_DROPPED, None
 
-    def _remember(self, dcid: bytes, backend: Backend) -> None:
+    def _remember(self, dcid: bytes, route: _CidRoute) -> None:
         cache = self._cache
         if self._cache_size == 0:
             return
@@ -221,17 +246,23 @@ class Router:
             # FIFO: dicts keep insertion order, so the first key is the oldest.
             del cache[next(iter(cache))]
             self._evictions += 1
-        cache[dcid] = backend
+        cache[dcid] = route
 
     # -- observation ----------------------------------------------------------
 
     def stats(self) -> RouterStats:
+        cid_routed = dict(self._retired_cid_routed)
+        for route in self._routes.values():
+            key = (route.config_id, route.label)
+            cid_routed[key] = cid_routed.get(key, 0) + route.count
+        outcomes = {o: self._counts[o] for o in _OUTCOMES}
+        outcomes[Outcome.CID_ROUTED] = sum(cid_routed.values())
         return RouterStats(
             service=self.table.name,
             rx_client_datagrams=self._rx,
-            outcomes={o: self._counts[o] for o in _OUTCOMES},
+            outcomes=outcomes,
             malformed=dict(self._malformed),
-            cid_routed=dict(self._cid_routed),
+            cid_routed=cid_routed,
             cipher_calls=self._cipher_calls,
             cache_entries=len(self._cache),
             cache_evictions=self._evictions,
