@@ -333,6 +333,11 @@ def _conflicts(a: Address, b: Address) -> bool:
     return ipaddress.ip_address(a[0]).is_unspecified or ipaddress.ip_address(b[0]).is_unspecified
 
 
+def _family(address: Address) -> int:
+    """4 or 6."""
+    return ipaddress.ip_address(address[0]).version
+
+
 def _is_greased_version(version: int) -> bool:
     """RFC 9000 §15: versions 0x?a?a?a?a are reserved to exercise negotiation."""
     return version & 0x0F0F0F0F == 0x0A0A0A0A
@@ -470,6 +475,21 @@ class _Parser:
                         f"{format_address(service.vip)} collides with service[{other_index}].vip "
                         f"{format_address(other.vip)}; every service needs its own VIP",
                     )
+            for other_index, other in enumerate(services):
+                for b_index, b in enumerate(service.backends):
+                    bwhere = f"service[{index}].backend[{b_index}].address"
+                    if b.address == other.vip:
+                        self.fail(bwhere, f"{format_address(b.address)} is service[{other_index}].vip")
+                    if any(o.address == b.address for o in other.backends):
+                        self.fail(
+                            bwhere,
+                            f"{format_address(b.address)} is also a backend of service[{other_index}]; a "
+                            "backend serves one service (it answers with that service's VIP)",
+                        )
+                for b_index, b in enumerate(other.backends):
+                    if b.address == service.vip:
+                        self.fail(f"service[{other_index}].backend[{b_index}].address",
+                                  f"{format_address(b.address)} is service[{index}].vip")
             services.append(service)
             service_canon.append(canon)
 
@@ -497,6 +517,21 @@ class _Parser:
         t = self.table(raw, where, _LB_KEYS, required=("inside",))
         inside = self.address(t, "inside", where)
         assert inside is not None
+        inside_ip = ipaddress.ip_address(inside[0])
+        if inside_ip.is_unspecified:
+            self.fail(
+                "lb.inside",
+                f"{format_address(inside)} is a wildcard; give the exact address backends send to "
+                "(they accept encapsulated datagrams only from it)",
+            )
+        if not (inside_ip.is_loopback or inside_ip.is_private or inside_ip.is_link_local):
+            # The LB sends whatever arrives here from a backend address out of the VIP; on a
+            # public address one spoofed datagram would make it a reflector (design §4).
+            self.fail(
+                "lb.inside",
+                f"{format_address(inside)} is a public address; the backend-facing port must be on "
+                "loopback or a private network",
+            )
         return_mode = self.enum(t, "return_mode", where, ReturnMode, ReturnMode.VIA_LB)
         unroutable = self.enum(t, "unroutable_short_header", where, UnroutableShortHeader, UnroutableShortHeader.DROP)
         admin_bind_any = self.boolean(t, "admin_bind_any", where, False)
@@ -638,6 +673,12 @@ class _Parser:
                 "the VIP and the backend-facing address must differ",
             )
 
+        if lb.return_mode is ReturnMode.DIRECT and _family(vip) == 6:
+            self.fail(
+                f"{where}.vip",
+                f"{format_address(vip)}: return_mode \"direct\" supports IPv4 VIPs only (the backends "
+                "forge the VIP as source with a raw IPv4 socket)",
+            )
         certificate = self.file_path(t, "certificate", where)
         private_key = self.file_path(t, "private_key", where)
         if (certificate is None) != (private_key is None):
@@ -692,6 +733,13 @@ class _Parser:
                         f"{bwhere}.address",
                         f"duplicate address {format_address(backend.address)} {also}",
                     )
+            if _family(backend.address) != _family(lb.inside):
+                self.fail(
+                    f"{bwhere}.address",
+                    f"{format_address(backend.address)} is IPv{_family(backend.address)} but lb.inside "
+                    f"{format_address(lb.inside)} is IPv{_family(lb.inside)}; the LB sends to backends "
+                    "from the inside socket, so both must be the same family",
+                )
             for label, own in (("lb.inside", lb.inside), (f"{where}.vip", vip)):
                 if backend.address == own:
                     self.fail(

@@ -120,6 +120,8 @@ def _second_service(doc: Doc, **fields: Any) -> None:
     service = copy.deepcopy(_svc(doc))
     service.update(name="web", vip="127.0.0.1:8443")
     service["cid_config"][0]["key_file"] = "keys/web-0.key"
+    for index, backend in enumerate(service.get("backend", [])):  # a backend serves one service
+        backend["address"] = f"127.0.0.1:{6001 + index}"
     service.update(fields)
     doc["service"].append(service)
 
@@ -229,6 +231,18 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
         "duplicate address 127.0.0.1:5001",
     ),
     ("backend-is-inside", _set(_be, "address", "127.0.0.1:4434"), f"{S0}.backend[0].address", "lb.inside"),
+    ("backend-family-differs-from-inside", _set(_be, "address", "[::1]:5001"), f"{S0}.backend[0].address",
+     "same family"),
+    ("backend-shared-by-services",
+     lambda d: _second_service(d, backend=[{"server_id": "0001", "address": "127.0.0.1:5001"}]),
+     "service[1].backend[0].address", "also a backend of service[0]"),
+    ("backend-is-other-vip",
+     lambda d: _second_service(d, backend=[{"server_id": "0001", "address": "127.0.0.1:4433"}]),
+     "service[1].backend[0].address", "is service[0].vip"),
+    ("inside-wildcard", _set(_lb, "inside", "0.0.0.0:4434"), "lb.inside", "wildcard"),
+    ("inside-public", _set(_lb, "inside", "8.8.8.8:4434"), "lb.inside", "public address"),
+    ("direct-with-ipv6-vip", lambda d: (_lb(d).update(return_mode="direct"), _svc(d).update(vip="[::1]:4433")),
+     f"{S0}.vip", "IPv4 VIPs only"),
     ("backend-is-vip", _set(_be, "address", "127.0.0.1:4433"), f"{S0}.backend[0].address", "vip"),
     ("backend-state", _set(_be, "state", "down"), f"{S0}.backend[0].state", "'active' or 'draining'"),
     ("backend-missing-address", _del(_be, "address"), f"{S0}.backend[0].address", "required key"),
@@ -372,7 +386,7 @@ def test_valid_variants(env: Env) -> None:
     _second_service(doc, backend=[])
     _second_config(doc, config_id=6, nonce_len=5)
     _be(doc, 1)["state"] = "draining"
-    _svc(doc).update(certificate="tls/cert.pem", private_key="tls/key.pem", vip="[::1]:4433")
+    _svc(doc).update(certificate="tls/cert.pem", private_key="tls/key.pem", vip="127.0.0.9:4433")
     config = env.parse(doc)
     assert config.version == 7
     assert config.lb.admin == ("::", 0)
@@ -380,7 +394,7 @@ def test_valid_variants(env: Env) -> None:
     assert config.lb.health_interval == 1.0 and isinstance(config.lb.health_interval, float)
     assert config.lb.lb_sources == (("::1", 4434), ("10.0.0.2", 4434))
     echo = config.service("echo")
-    assert echo.vip == ("::1", 4433)
+    assert echo.vip == ("127.0.0.9", 4433)
     assert echo.newest_cid_config().config_id == 6
     assert echo.newest_cid_config().mode is CidMode.FOUR_PASS
     assert echo.backends[1].state is BackendState.DRAINING
