@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import secrets
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lb.adapters.asyncio_endpoint import CallbackProtocol, VipProtocol
 from lb.adapters.batched_socket import batched_io_available, open_datagram_port
@@ -31,6 +32,9 @@ from lb.core.return_path import ReturnOutcome, ReturnPath
 from lb.core.router import Router
 from lb.core.service_table import Address, Backend, normalize_address
 from lb.errors import ConfigError, LbError
+
+if TYPE_CHECKING:
+    from lb.control.admin_http import AdminServer
 
 log = logging.getLogger("quiclb")
 
@@ -81,13 +85,16 @@ class LoadBalancer:
         self.counters = _Counters()
         self.services: dict[str, _ServiceRuntime] = {}
         self.inside_transport: asyncio.DatagramTransport | None = None
-        self.probe_transport: asyncio.DatagramTransport | None = None
-        self.probe_address: Address | None = None
+        # One health-probe socket per VIP address family: a probe's PROXY header
+        # names the probe socket as client and the VIP as destination, and both
+        # must be of one family. Keyed by IP version (4 or 6).
+        self.probe_ports: dict[int, tuple[asyncio.DatagramTransport, Address]] = {}
+        self.retired_routers: list[Router] = []  # counters of removed services stay visible
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
-        self.admin: object | None = None
+        self.admin: AdminServer | None = None
         self.admin_address: Address | None = None
 
     # -- start / stop ---------------------------------------------------------
@@ -99,23 +106,30 @@ class LoadBalancer:
     def _healthy(self, service: str, server_id: bytes) -> bool:
         return self.health.is_healthy((service, server_id))
 
-    async def start(self) -> None:
+    async def _ensure_probe_ports(self, cfg: LbConfig) -> None:
+        """The health checker is a client of its own: probes carry its socket's address, and the
+        VN answers come back through the return path, like any reply, from the VIP."""
         loop = asyncio.get_running_loop()
+        for svc in cfg.services:
+            family = ipaddress.ip_address(svc.vip[0]).version
+            if family in self.probe_ports:
+                continue
+            sock = bind_udp((svc.vip[0], 0), reuse_port=False)
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: CallbackProtocol(self._on_probe_reply), sock=sock
+            )
+            self.probe_ports[family] = (transport, normalize_address(sock.getsockname()[:2]))
+
+    async def start(self) -> None:
         cfg = self.config
         self.health.set_targets((s.name, b.server_id) for s in cfg.services for b in s.backends)
         tables = self.builder.build(cfg, self._healthy)
         self.inside_transport, _ = await open_datagram_port(
             bind_udp(cfg.lb.inside), lambda: CallbackProtocol(self._on_inside), self.io
         )
-        # The health checker is a client of its own: probes carry this socket's
-        # address, and their VN answers come back through the return path.
-        probe_sock = bind_udp((cfg.lb.inside[0], 0), reuse_port=False)
-        self.probe_address = normalize_address(probe_sock.getsockname()[:2])
-        self.probe_transport, _ = await loop.create_datagram_endpoint(
-            lambda: CallbackProtocol(self._on_probe_reply), sock=probe_sock
-        )
+        await self._ensure_probe_ports(cfg)
         for svc in cfg.services:
-            await self._open_service(svc.name, svc.vip, Router(tables[svc.name]))
+            self.services[svc.name] = await self._open_endpoint(svc.name, svc.vip, Router(tables[svc.name]))
         if cfg.lb.admin is not None and self.admin_enabled:
             await self._start_admin()
         self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
@@ -124,14 +138,12 @@ class LoadBalancer:
             len(cfg.services), _fmt(cfg.lb.inside), cfg.version, cfg.digest[:16],
         )
 
-    async def _open_service(self, name: str, vip: Address, router: Router, sock: socket.socket | None = None) -> None:
+    async def _open_endpoint(self, name: str, vip: Address, router: Router) -> _ServiceRuntime:
         vip_n = normalize_address(vip)
         forward = self._make_forward(name, vip_n)
-        transport, protocol = await open_datagram_port(
-            sock if sock is not None else bind_udp(vip), lambda: VipProtocol(router, forward), self.io
-        )
+        transport, protocol = await open_datagram_port(bind_udp(vip), lambda: VipProtocol(router, forward), self.io)
         assert isinstance(protocol, VipProtocol)
-        self.services[name] = _ServiceRuntime(router, vip_n, transport, protocol)
+        return _ServiceRuntime(router, vip_n, transport, protocol)
 
     async def _start_admin(self) -> None:
         from lb.control.admin_http import AdminServer  # noqa: PLC0415 - only when configured
@@ -169,12 +181,13 @@ class LoadBalancer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.admin is not None:
-            await self.admin.close()  # type: ignore[attr-defined]
+            await self.admin.close()
         for rt in self.services.values():
             rt.transport.close()
-        for t in (self.inside_transport, self.probe_transport):
-            if t is not None:
-                t.close()
+        if self.inside_transport is not None:
+            self.inside_transport.close()
+        for transport, _ in self.probe_ports.values():
+            transport.close()
         log.info("stopped")
 
     # -- datapath callbacks ---------------------------------------------------
@@ -225,15 +238,19 @@ class LoadBalancer:
         if result is not None and result[1]:
             service, sid = result[0]
             log.warning("backend %s/%s is up again", service, sid.hex())
-            self._rebuild()
+            self._rebuild({service})
 
     # -- control --------------------------------------------------------------
 
-    def _rebuild(self) -> None:
-        """Rebuild every service's table from the current config, health and tombstones."""
+    def _rebuild(self, only: set[str] | None = None) -> None:
+        """Rebuild the tables of ``only`` these services (default: all) from config, health, tombstones.
+
+        A Maglev build takes tens of milliseconds of event-loop time per service,
+        so health changes rebuild just the service they concern.
+        """
         for svc in self.config.services:
             rt = self.services.get(svc.name)
-            if rt is not None:
+            if rt is not None and (only is None or svc.name in only):
                 rt.router.set_table(self.builder.build_service(self.config, svc, self._healthy))
 
     async def _health_loop(self) -> None:
@@ -244,26 +261,30 @@ class LoadBalancer:
             for service, sid in changed:
                 log.warning("backend %s/%s is down: %d probes unanswered", service, sid.hex(),
                             self.health.threshold)
-            if changed or self.builder.expire(time.time()):
+            if self.builder.expire(time.time()):
                 self._rebuild()
+            elif changed:
+                self._rebuild({service for service, _ in changed})
             self._send_probes(now)
             delay = self.health.next_wakeup(loop.time()) - loop.time()
             await asyncio.sleep(min(max(delay, 0.01), self.health.interval))
 
     def _send_probes(self, now: float) -> None:
-        inside, probe_addr = self.inside_transport, self.probe_address
-        if inside is None or probe_addr is None:
+        inside = self.inside_transport
+        if inside is None:
             return
         for key, nonce in self.health.due(now, lambda: secrets.token_bytes(NONCE_LEN)):
             service, sid = key
             svc = next((s for s in self.config.services if s.name == service), None)
             backend = svc.backend_by_server_id(sid) if svc else None
-            if svc is None or backend is None:
+            port = self.probe_ports.get(ipaddress.ip_address(svc.vip[0]).version) if svc else None
+            if svc is None or backend is None or port is None:
                 continue
             try:
-                inside.sendto(self.encoder.encode(probe_addr, svc.vip) + build_probe(nonce), backend.address)
-            except (OSError, ValueError):
-                pass  # counted as a miss when the timeout expires
+                inside.sendto(self.encoder.encode(port[1], svc.vip) + build_probe(nonce), backend.address)
+            except (OSError, ValueError) as exc:
+                # Counted as a miss when the timeout expires; say why once per probe.
+                log.warning("health probe to %s/%s not sent: %s", service, sid.hex(), exc)
 
     async def reload(self) -> ReloadResult:
         """Load, validate and swap the whole configuration; on any error keep the running one."""
@@ -271,8 +292,7 @@ class LoadBalancer:
             old = self.config
             try:
                 new = load_config(old.path)
-                if normalize_address(new.lb.inside) != normalize_address(old.lb.inside):
-                    raise ConfigError(f"{old.path}: lb.inside: changing the inside address needs a restart")
+                self._check_restart_only(old, new)
                 await self._apply(old, new)
             except (LbError, OSError, ValueError) as exc:
                 self.counters.rejected += 1
@@ -284,34 +304,59 @@ class LoadBalancer:
             log.info("reloaded: config version %d digest %s", new.version, new.digest[:16])
             return ReloadResult(True, "reloaded", new.version, new.digest)
 
+    @staticmethod
+    def _check_restart_only(old: LbConfig, new: LbConfig) -> None:
+        """Settings a running process cannot change: refuse the reload rather than pretend."""
+        for key, before, after in (
+            ("lb.inside", normalize_address(old.lb.inside), normalize_address(new.lb.inside)),
+            ("lb.admin", old.lb.admin, new.lb.admin),
+        ):
+            if before != after:
+                raise ConfigError(f"{old.path}: {key}: changing it needs a restart (running with {before})")
+
     async def _apply(self, old: LbConfig, new: LbConfig) -> None:
-        # Everything that can fail happens first (reuse check, binding new VIPs,
-        # building tables); only then is anything swapped, so a failed reload
-        # leaves the running state as it was.
+        # Phase 1, may fail or await: nothing visible changes. Bind and open the
+        # endpoints of new or moved VIPs, read the new admin token.
         now = time.time()
-        self.builder.check_reuse(new, now)
-        fresh: dict[str, socket.socket] = {}
+        for warning in self.builder.reuse_warnings(new, now):
+            log.warning("%s", warning)
+        token = None
+        if self.admin is not None and new.lb.admin_token_file is not None:
+            from lb.control.keys import read_token_file  # noqa: PLC0415
+
+            token = read_token_file(new.lb.admin_token_file)
+        opened: dict[str, _ServiceRuntime] = {}
         try:
+            await self._ensure_probe_ports(new)
             for svc in new.services:
                 rt = self.services.get(svc.name)
-                if rt is None or rt.vip != normalize_address(svc.vip):
-                    fresh[svc.name] = bind_udp(svc.vip)
-        except OSError:
-            for sock in fresh.values():
-                sock.close()
+                if rt is not None and rt.vip == normalize_address(svc.vip):
+                    continue
+                # A moved VIP keeps its router, and so its counters (they never reset on reload).
+                router = rt.router if rt is not None else Router(self.builder.build_service(new, svc, self._healthy))
+                opened[svc.name] = await self._open_endpoint(svc.name, svc.vip, router)
+        except BaseException:
+            for runtime in opened.values():
+                runtime.transport.close()
             raise
+        # Phase 2, synchronous (no await, so no health callback can interleave):
+        # build every table from the new config and swap everything at once.
+        self.health.configure(new.lb.health_interval, new.lb.health_timeout, new.lb.health_threshold)
         self.health.set_targets((s.name, b.server_id) for s in new.services for b in s.backends)
         self.builder.note_reload(old, new, now)
         tables = self.builder.build(new, self._healthy)
-        new_names = {s.name for s in new.services}
-        for name in [n for n in self.services if n not in new_names or n in fresh]:
-            self.services.pop(name).transport.close()
-        for svc in new.services:
-            if svc.name in fresh:
-                await self._open_service(svc.name, svc.vip, Router(tables[svc.name]), fresh[svc.name])
-            else:
-                self.services[svc.name].router.set_table(tables[svc.name])
+        for name in [n for n in self.services if n not in tables or n in opened]:
+            runtime = self.services.pop(name)
+            runtime.transport.close()
+            if name not in tables:
+                self.retired_routers.append(runtime.router)
+        self.services.update(opened)
+        for name, runtime in self.services.items():
+            runtime.router.set_table(tables[name])
         self.return_path.reconfigure(self._backend_addresses(new), (s.vip for s in new.services), new.lb.inside)
+        if token is not None:
+            assert self.admin is not None
+            self.admin.set_token(token)
         self.config = new
 
     # -- observation ----------------------------------------------------------
@@ -366,7 +411,7 @@ class LoadBalancer:
                     unreachable=0, probes=0, probe_replies=0, last_probe_rtt=None,
                 ))
         return LbSnapshot(
-            routers=tuple(rt.router.stats() for rt in self.services.values()),
+            routers=tuple(r.stats() for r in [*(rt.router for rt in self.services.values()), *self.retired_routers]),
             return_path=self.return_path.stats(),
             services=tuple(services),
             backends=tuple(backends),

@@ -241,11 +241,8 @@ class AdminServer:
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not token:
-            raise ValueError("the admin API requires a bearer token (lb.admin_token_file)")
-        if not all("\x21" <= c <= "\x7e" for c in token):
-            raise ValueError("the admin token must be visible ASCII only")
-        self._token = token.encode("ascii")
+        self._token = b""
+        self.set_token(token)
         self._snapshot = snapshot
         self._reload = reload
         self._route = route
@@ -270,6 +267,14 @@ class AdminServer:
         self._by_path = {r.path: r for r in self.routes}
         if len(self._by_path) != len(self.routes):
             raise ValueError("admin routes: one method per path")
+
+    def set_token(self, token: str | None) -> None:
+        """Replace the bearer token (a reload rotates it; the old one stops working at once)."""
+        if not token:
+            raise ValueError("the admin API requires a bearer token (lb.admin_token_file)")
+        if not all("\x21" <= c <= "\x7e" for c in token):
+            raise ValueError("the admin token must be visible ASCII only")
+        self._token = token.encode("ascii")
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -57,23 +57,27 @@ class TableBuilder:
                 changed = True
         return changed
 
-    def check_reuse(self, new: LbConfig, now: float) -> None:
-        """Refuse a config that gives a tombstoned server ID to another address.
+    def reuse_warnings(self, new: LbConfig, now: float) -> list[str]:
+        """Warnings for tombstoned server IDs given to another address before they expire.
 
-        Clients of the removed backend may still send its CIDs; a new backend
-        at another address with the same ID would receive them as garbage
-        (and could be steered at). Re-adding the same address is allowed.
+        Clients of the removed backend may still send its CIDs, which the new
+        backend will count as unknown and drop. Only a warning: tombstones live
+        in each LB process's memory, and refusing the file here while a freshly
+        started instance accepts it would split the instances across two
+        configurations (every instance must run the same digest).
         """
+        out = []
         for svc in new.services:
             stones = self._tombstones.get(svc.name, {})
             for b in svc.backends:
                 stone = stones.get(b.server_id)
                 if stone is not None and stone[1] != b.address:
-                    raise ConfigError(
-                        f"{new.path}: service {svc.name!r}: server ID {b.server_id.hex()} was removed from "
-                        f"{stone[1][0]}:{stone[1][1]} less than {self.tombstone_seconds:.0f} s ago; it can be "
-                        f"given to another address in {max(0.0, stone[0] - now):.0f} s"
+                    out.append(
+                        f"service {svc.name!r}: server ID {b.server_id.hex()} was removed from "
+                        f"{stone[1][0]}:{stone[1][1]} less than {self.tombstone_seconds:.0f} s ago and is now "
+                        f"given to {b.address[0]}:{b.address[1]}; stale CIDs of the old backend will reach it"
                     )
+        return out
 
     def tombstones(self, service: str) -> frozenset[bytes]:
         return frozenset(self._tombstones.get(service, {}))

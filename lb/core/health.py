@@ -74,13 +74,19 @@ class HealthTracker(Generic[K]):
     """Tracks probe state per backend key; the adapter supplies ``now`` and the nonces."""
 
     def __init__(self, interval: float, timeout: float, threshold: int) -> None:
+        self.interval = self.timeout = 0.0
+        self.threshold = 0
+        self.configure(interval, timeout, threshold)
+        self._targets: dict[K, _Target] = {}
+        self._by_nonce: dict[bytes, K] = {}
+
+    def configure(self, interval: float, timeout: float, threshold: int) -> None:
+        """Set the probe schedule (a reload may change it; per-backend state is kept)."""
         if interval <= 0 or timeout <= 0 or threshold < 1:
             raise ValueError("health: interval and timeout must be > 0 and threshold >= 1")
         self.interval = interval
         self.timeout = timeout
         self.threshold = threshold
-        self._targets: dict[K, _Target] = {}
-        self._by_nonce: dict[bytes, K] = {}
 
     def set_targets(self, keys: Iterable[K]) -> None:
         """Keep state for known keys, add new ones (healthy), forget removed ones."""
