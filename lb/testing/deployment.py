@@ -13,12 +13,22 @@ from pathlib import Path
 from lb.control.keys import generate_key, write_key_file
 
 
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral UDP port that was free a moment ago (bind port 0, read it, close)."""
+def free_udp_port(host: str = "127.0.0.1", hold: list[socket.socket] | None = None) -> int:
+    """An ephemeral UDP port that was free a moment ago (bind port 0, read it).
+
+    With ``hold``, the socket stays open (appended to the list) so that the
+    next call cannot return the same port; close them all once every port is
+    chosen.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    port = int(s.getsockname()[1])
+    if hold is None:
+        s.close()
+    else:
+        hold.append(s)
+    return port
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -110,10 +120,18 @@ class Deployment:
 
     def write(self) -> Path:
         """(Re)write the TOML; allocates ports and keys the first time they are needed."""
+        held: list[socket.socket] = []
+        try:
+            return self._write(held)
+        finally:
+            for s in held:
+                s.close()
+
+    def _write(self, held: list[socket.socket]) -> Path:
         d = self.directory
         (d / "keys").mkdir(parents=True, exist_ok=True)
         if self.inside_port == 0:
-            self.inside_port = free_udp_port(self.inside_host)
+            self.inside_port = free_udp_port(self.inside_host, held)
         token = d / "admin.token"
         if self.admin and not token.exists():
             write_key_file(token)  # 32 hex chars of `secrets`, mode 0600: a fine bearer token
@@ -129,7 +147,7 @@ class Deployment:
             _write_self_signed(self.cert_path, self.directory / "tls" / "key.pem")
         for svc in self.services:
             if svc.vip_port == 0:
-                svc.vip_port = free_udp_port(svc.vip_host)
+                svc.vip_port = free_udp_port(svc.vip_host, held)
             lines += ["", "[[service]]", f'name = "{svc.name}"', f'vip = "{fmt(svc.vip_host, svc.vip_port)}"']
             if self.tls:
                 lines += ['certificate = "tls/cert.pem"', 'private_key = "tls/key.pem"']
@@ -148,7 +166,7 @@ class Deployment:
                     lines.append(f'key_file = "keys/{key_path.name}"')
             for b in svc.backends:
                 if b.port == 0:
-                    b.port = free_udp_port(b.host)
+                    b.port = free_udp_port(b.host, held)
                 lines += ["", "[[service.backend]]", f'server_id = "{b.server_id}"',
                           f'address = "{fmt(b.host, b.port)}"', f'state = "{b.state}"']
         tmp = self.path.with_suffix(".tmp")

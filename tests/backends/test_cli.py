@@ -37,6 +37,23 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def two_free_udp_ports() -> tuple[int, int]:
+    """Two distinct free ports (the first is held while the second is chosen)."""
+    held: list[socket.socket] = []
+    try:
+        return free_udp_port_held(held), free_udp_port_held(held)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def free_udp_port_held(held: list[socket.socket]) -> int:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    held.append(sock)
+    return int(sock.getsockname()[1])
+
+
 def write_config(path: Path, *, inside: tuple[str, int], vip: tuple[str, int], ports: tuple[int, int],
                  configs: list[tuple[int, int, str]]) -> None:
     """``configs``: (config_id, nonce_len, key file name) in rotation order."""
@@ -78,7 +95,7 @@ def make_config(tmp_path: Path, relay: FakeLbRelay | None = None) -> Path:
     inside = relay.inside if relay else ("127.0.0.1", 4434)
     vip = relay.vip if relay else ("127.0.0.1", 4433)
     path = tmp_path / "lb.toml"
-    write_config(path, inside=inside, vip=vip, ports=(free_udp_port(), free_udp_port()),
+    write_config(path, inside=inside, vip=vip, ports=two_free_udp_ports(),
                  configs=[(0, 14, "k0.key")])
     return path
 
