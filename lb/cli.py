@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from lb.core.cid_encoder import encode_cid
 from lb.errors import ConfigError, LbError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+#: Worker crashes a ``--workers`` supervisor absorbs before it gives up.
+MAX_WORKER_RESTARTS = 10
+WORKER_POLL_SECONDS = 0.2
 
 
 class UsageError(LbError):
@@ -173,15 +177,12 @@ def _supervise(args: argparse.Namespace) -> int:
     Stateless routing makes this safe: the kernel spreads datagrams over the
     workers by 4-tuple and each decides exactly as the others would. SIGHUP,
     SIGTERM and SIGINT are passed on to every worker. The supervisor prints its
-    own READY line once every worker is ready, and exits non-zero if any
-    worker did.
+    own READY line once every worker is ready; a worker that dies later is
+    restarted (at most MAX_WORKER_RESTARTS times), since no state dies with it.
     """
-    base = [sys.executable, "-m", "lb", "run", "-c", str(args.config), "--loop", args.loop, "--io", args.io,
-            "--log-level", args.log_level, "--worker"]
-    procs = [
-        subprocess.Popen(base + ([] if i == 0 else ["--no-admin"]), stdout=subprocess.PIPE, text=True, bufsize=1)
-        for i in range(args.workers)
-    ]
+    base = [sys.executable, "-m", "lb", "--log-level", args.log_level, "run", "-c", str(args.config),
+            "--loop", args.loop, "--io", args.io, "--worker"]
+    procs: list[subprocess.Popen[str]] = []
     stopping = False
 
     def relay(signum: int, _frame: object) -> None:
@@ -191,28 +192,64 @@ def _supervise(args: argparse.Namespace) -> int:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # Handlers first: a signal during start-up must reach every worker started so far.
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, relay)
-    ready: list[str] = []
-    for p in procs:  # workers announce readiness in start order; a dead one ends the wait
+
+    def spawn(index: int) -> subprocess.Popen[str]:
+        argv = base + ([] if index == 0 else ["--no-admin"])
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def wait_ready(p: subprocess.Popen[str]) -> str | None:
         assert p.stdout is not None
         for line in p.stdout:
             if line.startswith("WORKER-READY"):
-                ready.append(line.split(maxsplit=1)[1].strip())
-                break
+                return line.split(maxsplit=1)[1].strip()
             sys.stdout.write(line)
-    if len(ready) == len(procs) and not stopping:
-        fields = dict(tok.split("=", 1) for tok in ready[0].split())
-        pids = ",".join(str(p.pid) for p in procs)
-        print(f"READY pid={os.getpid()} workers={pids} inside={fields['inside']} vips={fields['vips']} "
-              f"admin={fields['admin']}", flush=True)
-    else:
+        return None  # EOF: it died before it was ready
+
+    ready: list[str] = []
+    for i in range(args.workers):
+        if stopping:
+            break
+        procs.append(spawn(i))
+        line = wait_ready(procs[-1])
+        if line is None:
+            break
+        ready.append(line)
+    if len(ready) != args.workers or stopping:
         relay(signal.SIGTERM, None)
-    codes = [p.wait() for p in procs]
+        for p in procs:
+            p.wait()
+        return EXIT_FAIL
+    fields = dict(tok.split("=", 1) for tok in ready[0].split())
+    print(f"READY pid={os.getpid()} workers={','.join(str(p.pid) for p in procs)} inside={fields['inside']} "
+          f"vips={fields['vips']} admin={fields['admin']}", flush=True)
+    restarts = 0
+    failed = False
+    while not stopping:
+        for i, p in enumerate(procs):
+            if stopping or p.poll() is None:
+                continue
+            restarts += 1
+            print(f"quiclb: worker {p.pid} exited with {p.returncode}; restarting it "
+                  f"({restarts}/{MAX_WORKER_RESTARTS})", file=sys.stderr, flush=True)
+            if p.stdout is not None:
+                p.stdout.close()
+            if restarts > MAX_WORKER_RESTARTS:
+                failed = True
+                relay(signal.SIGTERM, None)
+                break
+            procs[i] = spawn(i)
+            if wait_ready(procs[i]) is None:
+                failed = True
+                relay(signal.SIGTERM, None)
+        time.sleep(WORKER_POLL_SECONDS)  # a signal cuts it short; the handler relays it
+    failed = any(p.wait() != 0 for p in procs) or failed
     for p in procs:
         if p.stdout is not None:
             p.stdout.close()
-    return EXIT_OK if all(c == 0 for c in codes) and len(ready) == len(procs) else EXIT_FAIL
+    return EXIT_FAIL if failed else EXIT_OK
 
 
 # -- demo ---------------------------------------------------------------------------
@@ -240,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="datagram I/O: the event loop's endpoints, or recvmmsg/sendmmsg batches (Linux)")
     p.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", dest="run_log_level", default=None,
+                   choices=["debug", "info", "warning", "error"], help="same as quiclb --log-level")
     p.set_defaults(func=cmd_run)
 
     cid = sub.add_parser("cid", help="the QUIC-LB codec: which backend owns this CID?")
@@ -273,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "run_log_level", None):
+        args.log_level = args.run_log_level
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     try:

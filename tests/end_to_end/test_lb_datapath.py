@@ -307,9 +307,20 @@ def test_workers_share_the_sockets_and_stop_together(udp_cluster: UdpCluster) ->
         for sid in cluster.backends:
             reply, _ = exchange(s, short_header(new_cid(cluster, sid)), vip)
             assert owner_of_reply(reply) == sid
+    # A worker dies hard: the supervisor starts a new one (no state was lost with it).
+    victim = int(lb.wait_ready()["workers"].split(",")[1])
+    os.kill(victim, signal.SIGKILL)
+    lb.wait_for_line(f"worker {victim} exited with -9; restarting it")
+    deadline = time.monotonic() + 10
+    while lb.output().count("serving 1 service(s)") < 3:  # two at start, one for the new worker
+        assert time.monotonic() < deadline, lb.output()
+        time.sleep(0.05)
+    for s in socks:
+        reply, _ = exchange(s, short_header(new_cid(cluster, "0001")), vip)
+        assert owner_of_reply(reply) == "0001"
     # The supervisor relays SIGTERM to its workers and exits once they have.
     assert lb.stop(timeout=15) == 0
-    assert lb.output().count("quiclb INFO stopped") == 2  # both workers shut down cleanly
+    assert lb.output().count("quiclb INFO stopped") == 2  # both live workers shut down cleanly
     for s in socks:
         s.close()
 
