@@ -53,7 +53,11 @@ class RoutableCidError(RuntimeError):
 
 
 def install_routable_cids(
-    conn: QuicConnection, next_cid: Callable[[], bytes], *, single_cid: bool = False
+    conn: QuicConnection,
+    next_cid: Callable[[], bytes],
+    *,
+    single_cid: bool = False,
+    hold_new_cids: Callable[[], bool] | None = None,
 ) -> None:
     """Make every host CID of ``conn`` come from ``next_cid()``.
 
@@ -62,6 +66,11 @@ def install_routable_cids(
     ``disable_active_migration`` transport parameter. Draft -21 §9 asks this of
     plaintext configurations (every further CID would be linkable anyway) and
     §3.2 of servers issuing 0b111 CIDs.
+
+    ``hold_new_cids``: asked each time aioquic would top up the connection's
+    CIDs; while it returns true no new CID is issued. A reload that makes the
+    newest configuration plaintext (or an issuer that ran out of nonces) then
+    stops handing linkable or unroutable CIDs to existing connections too.
 
     Call once, before ``conn`` has handled any datagram: on a server inside
     ``create_protocol``; on a client before ``connect()``. Raises
@@ -88,6 +97,8 @@ def install_routable_cids(
     stock = conn._replenish_connection_ids  # bound method of the class
 
     def replenish() -> None:
+        if hold_new_cids is not None and hold_new_cids():
+            return
         before = len(conn._host_cids)
         stock()  # aioquic picks the count, the sequence numbers and the reset tokens
         for entry in conn._host_cids[before:]:

@@ -255,13 +255,19 @@ class BackendServer:
         # Plaintext CIDs are linkable: issue just the handshake SCID and ask the
         # client not to migrate (draft -21 §9); likewise once the issuer is out
         # of nonces and hands out 0b111 CIDs (§3.2).
-        single = self._issuer.cfg.key is None or self._issuer.exhausted
-        install_routable_cids(connection, unique_cid_source(self._next_cid, taken), single_cid=single)
+        install_routable_cids(
+            connection, unique_cid_source(self._next_cid, taken), single_cid=self._single_cid(),
+            hold_new_cids=self._single_cid,
+        )
         self.stats.connections_open += 1
         self.stats.connections_total += 1
         protocol = BackendProtocol(connection, stream_handler, backend=self)
         self.protocols.add(protocol)
         return protocol
+
+    def _single_cid(self) -> bool:
+        """True while new CIDs would be linkable (plaintext) or unroutable (nonces exhausted)."""
+        return self._issuer.cfg.key is None or self._issuer.exhausted
 
     def _next_cid(self) -> bytes:
         cid = self._issuer.next_cid()
