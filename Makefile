@@ -60,6 +60,20 @@ bench: $(STAMP) ## micro-benchmarks (codec decode cost, Maglev quality); JSON in
 	$(PY) bench/micro_codec.py --save
 	$(PY) bench/hash_quality.py --save
 
+# nginx is a baseline: installed with its stream module when missing (root), else the command is printed.
+.PHONY: bench-load
+bench-load: $(STAMP) ## load benchmark: LB capacity vs a C forwarder and nginx (~7 min, 2 CPUs); JSON in bench/results/
+	@if ! command -v nginx >/dev/null || ! dpkg -s libnginx-mod-stream >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing nginx and its stream module with apt-get"; \
+	    apt-get update -qq && apt-get install -y -qq nginx libnginx-mod-stream >/dev/null; \
+	  else \
+	    echo "nginx (with libnginx-mod-stream) is missing: the nginx targets will be skipped. Install it with:"; \
+	    echo "  sudo apt-get update -qq && sudo apt-get install -y -qq nginx libnginx-mod-stream"; \
+	  fi; \
+	fi
+	$(PY) bench/load_compare.py --save
+
 .PHONY: clean
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info
