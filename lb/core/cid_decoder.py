@@ -118,10 +118,23 @@ class ConfigDecoder:
         params = feistel_params(n)
         half_len = params.half_len
 
+        # The same passes as cid_cipher.feistel_decrypt, unrolled into one closure over
+        # local constants: on the LB this runs per cache miss, and method calls and
+        # attribute lookups cost as much as the AES calls themselves.
+        h, lm, rm = half_len, params.left_mask, params.right_mask
+        s1, s2, s3, s4 = params.suffixes[1:5]
+        from_bytes = int.from_bytes
+        three_passes = 2 * sid_len <= n
+
         def four_pass(cid: bytes) -> bytes:
-            left, right = feistel_decrypt(encrypt, params, cid[1 : 1 + n], sid_len)
-            if right is None:  # 3-pass shortcut: the server ID lies wholly in left_0
-                return left.to_bytes(half_len, "big")[:sid_len]
+            left = from_bytes(cid[1 : 1 + h], "big") & lm
+            right = from_bytes(cid[1 + n - h : 1 + n], "big") & rm
+            left = (left ^ from_bytes(encrypt(right.to_bytes(h, "big") + s4)[:h], "big")) & lm
+            right = (right ^ from_bytes(encrypt(left.to_bytes(h, "big") + s3)[:h], "big")) & rm
+            left = (left ^ from_bytes(encrypt(right.to_bytes(h, "big") + s2)[:h], "big")) & lm
+            if three_passes:  # the server ID lies wholly in left_0 (-21 §5.5.2)
+                return left.to_bytes(h, "big")[:sid_len]
+            right = (right ^ from_bytes(encrypt(left.to_bytes(h, "big") + s1)[:h], "big")) & rm
             return params.join(left, right)[:sid_len]
 
         return four_pass
