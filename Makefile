@@ -56,8 +56,9 @@ demo: $(STAMP) ## the main job: an LB and three backends on loopback, real QUIC 
 	$(VENV)/bin/quiclb demo
 
 .PHONY: bench
-bench: $(STAMP) ## micro-benchmarks (codec decode cost, Maglev quality); JSON in bench/results/
+bench: $(STAMP) ## micro-benchmarks (codec decode, routing cost, Maglev quality); JSON in bench/results/
 	$(PY) bench/micro_codec.py --save
+	$(PY) bench/micro_router.py --save
 	$(PY) bench/hash_quality.py --save
 
 # nginx is a baseline: installed with its stream module when missing (root), else the command is printed.
