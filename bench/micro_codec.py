@@ -12,15 +12,11 @@ is shared and noisy. Bounded: a few seconds in all.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import secrets
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
+
+from results_file import run_metadata, write_result
 
 from lb import CidConfig, encode_cid
 from lb.core.cid_decoder import CidDecoder
@@ -75,21 +71,10 @@ def main() -> None:
                         "scalar_ns": [round(x) for x in s], "batch_ns": [round(x) for x in b]})
         print(f"{name:26s} passes={cfg.lb_passes}  scalar {s[0]:7.0f} ns/CID [{s[1]:.0f}..{s[2]:.0f}]"
               f"   batch({args.batch}) {b[0]:7.0f} ns/CID [{b[1]:.0f}..{b[2]:.0f}]   ratio {s[0] / b[0]:.2f}x")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
-    except OSError:
-        commit = ""
-    doc = {"bench": "micro_codec", "commit": commit, "python": sys.version.split()[0],
-           "machine": platform.machine(), "cpus": os.cpu_count(), "batch": args.batch,
-           "unit": "ns per CID: [median, min, max]", "results": results}
+    doc = {**run_metadata("micro_codec"), "batch": args.batch, "unit": "ns per CID: [median, min, max]",
+           "results": results}
     if args.save:
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        path = out / f"micro_codec-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        path.write_text(json.dumps(doc, indent=1))
-        print(f"wrote {path}")
-
+        write_result(doc)
 
 if __name__ == "__main__":
     main()

@@ -12,14 +12,11 @@ with min..max. Bounded: a few seconds.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import secrets
 import statistics
-import sys
 import time
-from pathlib import Path
+
+from results_file import run_metadata, write_result
 
 from lb import CidConfig, encode_cid
 from lb.core.router import Router
@@ -64,15 +61,9 @@ def main() -> None:
         med, lo, hi = statistics.median(runs), min(runs), max(runs)
         results.append({"kind": name, "ns": [round(med), round(lo), round(hi)]})
         print(f"{name:26s} {med:7.0f} ns/datagram [{lo:.0f}..{hi:.0f}]")
-    doc = {"bench": "micro_router", "python": sys.version.split()[0], "machine": platform.machine(),
-           "cpus": os.cpu_count(), "unit": "ns per datagram [median, min, max]", "results": results}
+    doc = {**run_metadata("micro_router"), "unit": "ns per datagram [median, min, max]", "results": results}
     if args.save:
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        path = out / f"micro_router-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        path.write_text(json.dumps(doc, indent=1))
-        print(f"wrote {path}")
-
+        write_result(doc)
 
 if __name__ == "__main__":
     main()
