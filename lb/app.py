@@ -363,6 +363,8 @@ class LoadBalancer:
 
     def route_info(self, service: str | None, dcid: bytes) -> dict[str, object]:
         """"Which backend owns this CID?" for the admin API (no traffic is generated)."""
+        if service is not None and service not in self.services:
+            raise LookupError(f"no service named {service!r}")
         out: dict[str, object] = {"dcid_len": len(dcid)}
         for name, rt in self.services.items():
             if service is not None and name != service:

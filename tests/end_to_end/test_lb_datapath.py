@@ -448,3 +448,17 @@ def test_health_probes_work_when_the_vip_family_differs_from_inside(tmp_path: Pa
         lb.kill()
         for b in backends:
             b.close()
+
+
+def test_admin_route_answers_which_backend_owns_a_cid(udp_cluster: UdpCluster) -> None:
+    cluster = udp_cluster
+    lb = cluster.start_lb()
+    admin, token = cluster.admin(lb), cluster.dep.token
+    cid = new_cid(cluster, "0002")
+    status, body = admin_json(admin, f"/route?dcid={cid.hex()}", token)
+    assert status == 200
+    assert body["echo"]["server_id"] == "0002" and body["echo"]["routable"] is True
+    assert body["echo"]["backend"].endswith(f":{cluster.backends['0002'].address[1]}")
+    status, body = admin_json(admin, "/route?dcid=e7" + "00" * 7, token)
+    assert status == 200 and body["echo"]["routable"] is False
+    assert admin_request(admin, "GET", f"/route?dcid={cid.hex()}&service=nope", token)[0] == 404
