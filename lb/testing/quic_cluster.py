@@ -42,6 +42,7 @@ class QuicCluster:
     host: str = "127.0.0.1"
     cid: CidConfigSpec = field(default_factory=CidConfigSpec)
     backend_args: tuple[str, ...] = ()
+    return_mode: str = "via-lb"
     dep: Deployment = field(init=False)
     lbs: list[ManagedProcess] = field(default_factory=list)
     backends: dict[str, BackendProcess] = field(default_factory=dict)
@@ -49,7 +50,7 @@ class QuicCluster:
     def __post_init__(self) -> None:
         spec = ServiceSpec(vip_host=self.host, cid_configs=[self.cid],
                            backends=[BackendSpec(sid, host=self.host) for sid in self.server_ids])
-        self.dep = Deployment(self.directory, [spec], inside_host=self.host, tls=True)
+        self.dep = Deployment(self.directory, [spec], inside_host=self.host, tls=True, return_mode=self.return_mode)
         self.dep.write()
 
     # -- processes ------------------------------------------------------------
