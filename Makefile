@@ -25,6 +25,11 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade 'pip>=25.1'
 	$(PY) -m pip install -q --group dev -e . --config-settings editable_mode=compat
+	@# The interop tests drive an independent QUIC stack: ngtcp2's client (Debian package).
+	@command -v gtlsclient >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo "installing ngtcp2-client (an independent QUIC client for the interop tests) with apt-get"; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq ngtcp2-client >/dev/null; }
 	@touch $(STAMP)
 
 .PHONY: install
