@@ -24,7 +24,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade 'pip>=25.1'
-	$(PY) -m pip install -q --group dev -e . --config-settings editable_mode=compat
+	$(PY) -m pip install -q --group dev -e .
 	@# The interop tests drive an independent QUIC stack: ngtcp2's client (Debian package).
 	@command -v gtlsclient >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
