@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from lb.testing.datagrams import initial, short_header
 from lb.testing.deployment import BackendSpec, CidConfigSpec, Deployment, ServiceSpec
 from lb.testing.processes import start_lb as start_lb_process
 from lb.testing.udp_backend import REPLY_PREFIX, UdpTestBackend
+from lb.testing.waiting import wait_until
 
 from .conftest import UdpCluster, make_udp_cluster
 
@@ -273,19 +273,13 @@ def test_two_services_in_one_process_keep_their_own_configs_and_backends(tmp_pat
         sock.sendto(short_header(encode_cid(web_cfg, b"\x00\x00\x01", os.urandom(5))), dep.vip("echo"))
         admin_host, admin_port = lb.wait_ready()["admin"].rsplit(":", 1)
         admin = (admin_host, int(admin_port))
-        deadline = 50
-        while deadline:
-            samples = scrape(admin, dep.token)
-            if metric_sum(samples, "quiclb_unroutable_dropped_total", service="echo") == 1:
-                break
-            deadline -= 1
-            sock.settimeout(0.05)
-            try:
-                sock.recvfrom(2048)
-                raise AssertionError("a cross-service datagram was forwarded")
-            except TimeoutError:
-                pass
-        assert deadline, "the cross-service datagram was never counted"
+        wait_until(
+            lambda: metric_sum(scrape(admin, dep.token), "quiclb_unroutable_dropped_total", service="echo") == 1,
+            5.0, "the cross-service datagram counted as unroutable",
+        )
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):  # and nothing came back for it
+            sock.recvfrom(2048)
         sock.close()
     finally:
         lb.kill()
@@ -312,10 +306,8 @@ def test_workers_share_the_sockets_and_stop_together(udp_cluster: UdpCluster) ->
     victim = int(lb.wait_ready()["workers"].split(",")[1])
     os.kill(victim, signal.SIGKILL)
     lb.wait_for_line(f"worker {victim} exited with -9; restarting it")
-    deadline = time.monotonic() + 10
-    while lb.output().count("serving 1 service(s)") < 3:  # two at start, one for the new worker
-        assert time.monotonic() < deadline, lb.output()
-        time.sleep(0.05)
+    # Two "serving" lines at start, a third from the new worker.
+    wait_until(lambda: lb.output().count("serving 1 service(s)") >= 3, 10.0, "the new worker serving")
     for s in socks:
         reply, _ = exchange(s, short_header(new_cid(cluster, "0001")), vip)
         assert owner_of_reply(reply) == "0001"
@@ -370,19 +362,11 @@ def test_r17_crashed_backend_leaves_the_fallback_within_probe_interval_times_thr
         _, views = admin_json(admin, "/backends", token)
         return bool({v["server_id"]: v["healthy"] for v in views}[sid])
 
-    def wait(predicate: Callable[[], bool], limit: float) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < limit:
-            if predicate():
-                return time.monotonic() - t0
-            time.sleep(0.05)
-        raise AssertionError(f"condition not met within {limit} s")
-
-    wait(lambda: all(healthy(s) for s in cluster.backends), 5.0)
+    wait_until(lambda: all(healthy(s) for s in cluster.backends), 5.0, "all backends healthy")
     victim = cluster.backends.pop("0002")
     victim_addr = victim.address
     victim.close()  # the backend process is gone: probes go unanswered
-    took = wait(lambda: not healthy("0002"), 2.5)
+    took = wait_until(lambda: not healthy("0002"), 2.5, "0002 marked down")
     assert took <= 2.5
     socks = [client_socket() for _ in range(60)]
     chosen = [owner_of_reply(exchange(s, initial(1, os.urandom(8), os.urandom(8)), vip)[0]) for s in socks]
@@ -391,7 +375,7 @@ def test_r17_crashed_backend_leaves_the_fallback_within_probe_interval_times_thr
     assert metric_sum(samples, "quiclb_backend_healthy", backend="0002") == 0
     # It restarts at the same address: one answered probe brings it back into rotation.
     cluster.backends["0002"] = UdpTestBackend(victim_addr, "0002", cluster.dep.inside)
-    wait(lambda: healthy("0002"), 2.5)
+    wait_until(lambda: healthy("0002"), 2.5, "0002 back up")
     chosen = [owner_of_reply(exchange(s, initial(1, os.urandom(8), os.urandom(8)), vip)[0]) for s in socks]
     assert "0002" in chosen
     for s in socks:
@@ -431,16 +415,9 @@ def test_health_probes_work_when_the_vip_family_differs_from_inside(tmp_path: Pa
     try:
         admin_host, admin_port = lb.wait_ready()["admin"].rsplit(":", 1)
         admin = (admin_host, int(admin_port))
-        deadline = time.monotonic() + 5
-        replies = 0.0
-        while time.monotonic() < deadline:
-            samples = scrape(admin, dep.token)
-            replies = metric_sum(samples, "quiclb_health_probe_replies_total")
-            if replies >= 4:
-                break
-            time.sleep(0.1)
-        assert replies >= 4, lb.output()
-        assert metric_sum(samples, "quiclb_backend_healthy") == 2
+        wait_until(lambda: metric_sum(scrape(admin, dep.token), "quiclb_health_probe_replies_total") >= 4,
+                   5.0, "probe replies")
+        assert metric_sum(scrape(admin, dep.token), "quiclb_backend_healthy") == 2
         sock = client_socket("::1")
         reply, _ = exchange(sock, initial(1, os.urandom(8), os.urandom(8)), dep.vip())
         assert reply.startswith(REPLY_PREFIX)
@@ -490,13 +467,9 @@ def test_f1_paced_random_datagrams_over_loopback_nothing_escapes_and_counters_ad
             ahead = sent / 10_000 - (time.monotonic() - t0)
             if ahead > 0:
                 time.sleep(ahead)
-    # Wait until the LB has counted every one (a condition with a deadline, not a fixed sleep).
-    deadline = time.monotonic() + 10
-    while True:
-        samples = scrape(admin, token)
-        if metric_sum(samples, "quiclb_rx_client_datagrams_total") >= sent or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    wait_until(lambda: metric_sum(scrape(admin, token), "quiclb_rx_client_datagrams_total") >= sent, 10.0,
+               "the LB counted every datagram")
+    samples = scrape(admin, token)
     rx = metric_sum(samples, "quiclb_rx_client_datagrams_total")
     outcomes = (
         metric_sum(samples, "quiclb_cid_routed_total")
