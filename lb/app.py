@@ -28,10 +28,11 @@ from lb.control.snapshot import BackendView, LbSnapshot, ReloadResult, ServiceVi
 from lb.control.table_builder import TableBuilder
 from lb.core.encapsulation import ProxyHeaderEncoder
 from lb.core.health import NONCE_LEN, HealthTracker, build_probe, probe_reply_nonce_untrusted
+from lb.core.quic_header import parse_routing_fields_untrusted
 from lb.core.return_path import ReturnOutcome, ReturnPath
 from lb.core.router import Router
 from lb.core.service_table import Address, Backend, normalize_address
-from lb.errors import ConfigError, LbError
+from lb.errors import ConfigError, LbError, MalformedDatagram
 
 if TYPE_CHECKING:
     from lb.control.admin_http import AdminServer
@@ -56,6 +57,8 @@ class _ServiceRuntime:
 
 @dataclass
 class _Counters:
+    stale_cid_replies: dict[tuple[str, str], int] = field(default_factory=dict)
+    stale_config: dict[tuple[str, str], bool] = field(default_factory=dict)
     tx_to_backend: dict[tuple[str, str], int] = field(default_factory=dict)
     backend_unreachable: dict[tuple[str, str], int] = field(default_factory=dict)
     tx_to_client_errors: int = 0
@@ -81,6 +84,7 @@ class LoadBalancer:
             lb.health_interval, lb.health_timeout, lb.health_threshold
         )
         self.return_path = ReturnPath(self._backend_addresses(config), (s.vip for s in config.services), lb.inside)
+        self._backend_owner = self._owners(config)
         self.encoder = ProxyHeaderEncoder()
         self.counters = _Counters()
         self.services: dict[str, _ServiceRuntime] = {}
@@ -98,6 +102,11 @@ class LoadBalancer:
         self.admin_address: Address | None = None
 
     # -- start / stop ---------------------------------------------------------
+
+    @staticmethod
+    def _owners(config: LbConfig) -> dict[Address, tuple[str, bytes]]:
+        """Backend address -> (service, server ID): who sent a reply."""
+        return {normalize_address(b.address): (s.name, b.server_id) for s in config.services for b in s.backends}
 
     @staticmethod
     def _backend_addresses(config: LbConfig) -> list[Address]:
@@ -221,6 +230,8 @@ class LoadBalancer:
         if decision.outcome is not ReturnOutcome.TO_CLIENT:
             return
         assert decision.vip is not None and decision.client is not None
+        if decision.payload[:1] >= b"\xc0":  # long header with the fixed bit: a handshake reply
+            self._check_reply_scid(source, decision.payload)
         transport = self._vip_transport(decision.vip)
         if transport is None:  # the VIP went away in a reload between check and send
             self.counters.tx_to_client_errors += 1
@@ -229,6 +240,40 @@ class LoadBalancer:
             transport.sendto(decision.payload, decision.client)
         except (OSError, ValueError):
             self.counters.tx_to_client_errors += 1
+
+    def _check_reply_scid(self, source: Address, payload: bytes) -> None:
+        """R-20: a backend's handshake SCID must decode, under the LB's configurations, to that
+        backend's server ID. If not, it mints CIDs with a key or configuration the LB lacks
+        (rolled out to the backends before the LBs, or a stale key): every later datagram of
+        those connections would be unroutable. Costs a parse and one decode per handshake
+        reply; short-header replies are not looked at."""
+        owner = self._backend_owner.get(normalize_address(source))
+        if owner is None:
+            return
+        try:
+            fields = parse_routing_fields_untrusted(payload)
+        except MalformedDatagram:
+            return
+        if not fields.version or not fields.scid:  # VN (probe answers) or no SCID: nothing to check
+            return
+        service, sid = owner
+        rt = self.services.get(service)
+        if rt is None:
+            return
+        key = (service, sid.hex())
+        ok = rt.router.table.decoder.decode(fields.scid) == sid
+        was_stale = self.counters.stale_config.get(key, False)
+        self.counters.stale_config[key] = not ok
+        if not ok:
+            self.counters.stale_cid_replies[key] = self.counters.stale_cid_replies.get(key, 0) + 1
+            if not was_stale:
+                log.error(
+                    "backend %s/%s issues CIDs that do not decode to it with the LB's configurations "
+                    "(config bits %d): its clients' packets will be unroutable; roll the configuration "
+                    "out to the LBs first", service, sid.hex(), fields.scid[0] >> 5,
+                )
+        elif was_stale:
+            log.warning("backend %s/%s issues routable CIDs again", service, sid.hex())
 
     def _on_probe_reply(self, data: bytes, source: Address) -> None:
         nonce = probe_reply_nonce_untrusted(data)
@@ -354,6 +399,7 @@ class LoadBalancer:
         for name, runtime in self.services.items():
             runtime.router.set_table(tables[name])
         self.return_path.reconfigure(self._backend_addresses(new), (s.vip for s in new.services), new.lb.inside)
+        self._backend_owner = self._owners(new)
         if token is not None:
             assert self.admin is not None
             self.admin.set_token(token)
@@ -404,6 +450,8 @@ class LoadBalancer:
                     probes=status.probes if status else 0,
                     probe_replies=status.replies if status else 0,
                     last_probe_rtt=status.last_rtt if status else None,
+                    stale_cid_replies=self.counters.stale_cid_replies.get((svc.name, label), 0),
+                    stale_config=self.counters.stale_config.get((svc.name, label), False),
                 ))
             for sid in sorted(self.builder.tombstones(svc.name)):
                 label = sid.hex()

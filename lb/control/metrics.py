@@ -62,6 +62,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "backend_unreachable": (COUNTER, "Send errors towards a backend."),
     "backend_state": (GAUGE, "1 for the backend's current state among up, down, draining and removed."),
     "backend_healthy": (GAUGE, "1 when the backend answers its health probes."),
+    "stale_config_alert": (GAUGE, "1 when the backend's latest handshake SCID does not decode to it (stale config)."),
+    "stale_cid_replies": (COUNTER, "Backend handshake replies whose SCID does not decode to that backend."),
     "backend_in_fallback": (GAUGE, "1 when the backend takes new (fallback) flows."),
     "backend_info": (GAUGE, "Always 1; maps the backend label (server ID hex) to its address."),
     "health_probes": (COUNTER, "Health probes sent to a backend."),
@@ -220,6 +222,8 @@ def _render_backend(exp: _Exposition, view: BackendView) -> None:
         exp.add("backend_state", int(state == current), **labels, state=state)
     exp.add("backend_healthy", int(view.healthy), **labels)
     exp.add("backend_in_fallback", int(view.in_fallback), **labels)
+    exp.add("stale_config_alert", int(view.stale_config), **labels)
+    exp.add("stale_cid_replies", view.stale_cid_replies, **labels)
     exp.add("backend_info", 1, **labels, address=view.address)
     exp.add("health_probes", view.probes, **labels)
     exp.add("health_probe_replies", view.probe_replies, **labels)

@@ -27,6 +27,11 @@ class BackendView:
     probes: int
     probe_replies: int
     last_probe_rtt: float | None
+    #: Long-header replies whose SCID does not decode to this backend under the LB's
+    #: configurations: the backend mints CIDs with a key or config the LB lacks.
+    stale_cid_replies: int = 0
+    #: The last handshake SCID seen from this backend did not decode to it (cleared by one that does).
+    stale_config: bool = False
 
 
 @dataclass(frozen=True)

@@ -344,6 +344,8 @@ def test_backends_services_and_config_routes() -> None:
                 "probes": 2,
                 "probe_replies": 2,
                 "last_probe_rtt": 0.001,
+                "stale_cid_replies": 0,
+                "stale_config": False,
             }
         ]
         services = await request(addr, "GET", "/services")

@@ -12,12 +12,19 @@ import asyncio
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pytest
+
+from backends.client import ClientError
 from lb import CidConfig, decode_server_id
 from lb.testing.admin_client import metric_sum
 from lb.testing.deployment import CidConfigSpec
 from lb.testing.quic_cluster import QuicCluster
 from lb.testing.workload import EchoWorkload, close_clients, open_clients
+
+if TYPE_CHECKING:
+    from backends.client import EchoClient
 
 CONNECTIONS = 50
 
@@ -26,7 +33,8 @@ def routed_by_config(cluster: QuicCluster, config_id: int) -> float:
     return metric_sum(cluster.lb_metrics(), "quiclb_cid_routed_total", config=str(config_id))
 
 
-def wait_backends_reloaded(cluster: QuicCluster, before: dict[str, int], timeout: float = 10.0) -> None:
+def wait_backends_reloaded(cluster: QuicCluster | QuicClusterView, before: dict[str, int],
+                           timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     for sid, b in cluster.backends.items():
         while b.stats()["reloads"] <= before[sid]:
@@ -93,3 +101,57 @@ def test_r19_key_rotation_loses_no_connection(tmp_path: Path) -> None:
         assert all(b.stats()["unknown_cid_packets"] == 0 for b in cluster.backends.values())
     finally:
         cluster.close()
+
+
+def test_r20_backend_with_a_config_the_lb_lacks_raises_the_stale_config_alert(tmp_path: Path) -> None:
+    """Rolled out in the wrong order: backend 0001 mints config-1 CIDs the LBs cannot decode yet.
+    The LB sees it in the backend's handshake replies and raises stale_config_alert{backend};
+    once the LB has config 1 too, the alert clears and the stuck connections work."""
+    cluster = QuicCluster(tmp_path)
+    try:
+        cluster.start()
+        vip = cluster.dep.vip()
+        cluster.dep.services[0].cid_configs.append(CidConfigSpec(config_id=1))
+        cluster.dep.write()
+        b1 = cluster.backends["0001"]
+        before = {"0001": b1.stats()["reloads"]}
+        b1.process.signal(signal.SIGHUP)  # the backend only: the LB still knows config 0 alone
+        wait_backends_reloaded(QuicClusterView(cluster, ["0001"]), before)
+
+        def alerts() -> dict[str, float]:
+            samples = cluster.lb_metrics()
+            return {sid: metric_sum(samples, "quiclb_stale_config_alert", backend=sid) for sid in cluster.server_ids}
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            # Handshakes use long headers, which the LB can route (by fallback) either way.
+            # 30 fallback picks over 3 backends miss 0001 with probability (2/3)^30 < 1e-5.
+            clients = await open_clients(*vip, 30, cadata=cluster.cert_pem)
+            try:
+                stuck = [c for c in clients if c.dcid[0] >> 5 == 1]  # those that landed on 0001
+                assert stuck, "no connection landed on 0001"
+                assert await loop.run_in_executor(None, alerts) == {"0001": 1, "0002": 0, "0003": 0}
+                # Their short headers are unroutable at the LB: requests go unanswered ...
+                with pytest.raises(ClientError):
+                    await stuck[0].echo(b"lost", timeout=0.5)
+                # ... until the LB learns config 1.
+                await loop.run_in_executor(None, cluster.reload_lbs)
+                assert await stuck[0].echo(b"works now", timeout=3) == b"works now"
+                fresh: list[EchoClient] = []
+                while len(fresh) < 40 and not any(c.dcid[0] >> 5 == 1 for c in fresh):  # a new one on 0001
+                    fresh += await open_clients(*vip, 4, cadata=cluster.cert_pem)
+                assert await loop.run_in_executor(None, alerts) == {"0001": 0, "0002": 0, "0003": 0}
+                await close_clients(fresh)
+            finally:
+                await close_clients(clients)
+
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        cluster.close()
+
+
+class QuicClusterView:
+    """The subset of a cluster's backends that ``wait_backends_reloaded`` should watch."""
+
+    def __init__(self, cluster: QuicCluster, server_ids: list[str]) -> None:
+        self.backends = {sid: cluster.backends[sid] for sid in server_ids}
