@@ -83,11 +83,12 @@ class LoadBalancer:
         self.health: HealthTracker[HealthKey] = HealthTracker(
             lb.health_interval, lb.health_timeout, lb.health_threshold
         )
-        self.return_path = ReturnPath(self._backend_addresses(config), (s.vip for s in config.services), lb.inside)
+        self.return_path = ReturnPath(self._backend_addresses(config), (s.vip for s in config.services))
         self._backend_owner = self._owners(config)
         self.encoder = ProxyHeaderEncoder()
         self.counters = _Counters()
         self.services: dict[str, _ServiceRuntime] = {}
+        self._vip_transports: dict[Address, asyncio.DatagramTransport] = {}
         self.inside_transport: asyncio.DatagramTransport | None = None
         # One health-probe socket per VIP address family: a probe's PROXY header
         # names the probe socket as client and the VIP as destination, and both
@@ -139,6 +140,7 @@ class LoadBalancer:
         await self._ensure_probe_ports(cfg)
         for svc in cfg.services:
             self.services[svc.name] = await self._open_endpoint(svc.name, svc.vip, Router(tables[svc.name]))
+        self._index_vips()
         if cfg.lb.admin is not None and self.admin_enabled:
             await self._start_admin()
         self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
@@ -179,9 +181,6 @@ class LoadBalancer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    def request_stop(self) -> None:
-        self._stopped.set()
-
     async def stop(self) -> None:
         self._stopped.set()
         for task in self._tasks:
@@ -219,11 +218,9 @@ class LoadBalancer:
 
         return forward
 
-    def _vip_transport(self, vip: Address) -> asyncio.DatagramTransport | None:
-        for rt in self.services.values():
-            if rt.vip == vip:
-                return rt.transport
-        return None
+    def _index_vips(self) -> None:
+        # Replies name their VIP; one dict lookup per reply instead of a scan of the services.
+        self._vip_transports = {rt.vip: rt.transport for rt in self.services.values()}
 
     def _on_inside(self, data: bytes, source: Address) -> None:
         decision = self.return_path.handle(data, source)
@@ -232,7 +229,7 @@ class LoadBalancer:
         assert decision.vip is not None and decision.client is not None
         if decision.payload[:1] >= b"\xc0":  # long header with the fixed bit: a handshake reply
             self._check_reply_scid(source, decision.payload)
-        transport = self._vip_transport(decision.vip)
+        transport = self._vip_transports.get(decision.vip)
         if transport is None:  # the VIP went away in a reload between check and send
             self.counters.tx_to_client_errors += 1
             return
@@ -396,9 +393,10 @@ class LoadBalancer:
             if name not in tables:
                 self.retired_routers.append(runtime.router)
         self.services.update(opened)
+        self._index_vips()
         for name, runtime in self.services.items():
             runtime.router.set_table(tables[name])
-        self.return_path.reconfigure(self._backend_addresses(new), (s.vip for s in new.services), new.lb.inside)
+        self.return_path.reconfigure(self._backend_addresses(new), (s.vip for s in new.services))
         self._backend_owner = self._owners(new)
         if token is not None:
             assert self.admin is not None

@@ -110,14 +110,11 @@ def feistel_encrypt(encrypt: Callable[[bytes], bytes], params: FeistelParams, pl
     return params.join(left, right)
 
 
-def feistel_decrypt(
-    encrypt: Callable[[bytes], bytes], params: FeistelParams, block: bytes, server_id_len: int | None = None
-) -> tuple[int, int | None]:
-    """Undo the passes in the order 4, 3, 2 (, 1) (-21 §5.5.2, errata E4 and T5).
+def feistel_decrypt(encrypt: Callable[[bytes], bytes], params: FeistelParams, block: bytes) -> tuple[int, int]:
+    """Undo the passes in the order 4, 3, 2, 1 (-21 §5.5.2, errata E4 and T5): ``(left_0, right_0)``.
 
-    Returns ``(left_0, right_0)``. When ``server_id_len`` is given and the whole
-    server ID lies in ``left_0`` (``2 * sid_len <= n``), the fourth AES call is
-    skipped and ``right_0`` is ``None`` (the 3-pass shortcut, trap T11).
+    The full decode (server ID and nonce). The LB's server-ID-only path, with the
+    3-pass shortcut (trap T11), is unrolled in ``cid_decoder.ConfigDecoder``.
     """
     lm, rm = params.left_mask, params.right_mask
     f = params.round_value
@@ -125,7 +122,5 @@ def feistel_decrypt(
     left = (left ^ f(encrypt, 4, right)) & lm
     right = (right ^ f(encrypt, 3, left)) & rm
     left = (left ^ f(encrypt, 2, right)) & lm
-    if server_id_len is not None and 2 * server_id_len <= params.n:
-        return left, None
     right = (right ^ f(encrypt, 1, left)) & rm
     return left, right

@@ -64,7 +64,6 @@ def decode_cid(configs: ConfigSet, cid: bytes) -> tuple[bytes, bytes] | None:
         assert cfg.key is not None
         params = feistel_params(n)
         left, right = feistel_decrypt(aes_ecb(cfg.key).encrypt, params, block)
-        assert right is not None
         plain = params.join(left, right)
     return plain[:sid_len], plain[sid_len:]
 

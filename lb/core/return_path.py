@@ -57,20 +57,18 @@ class ReturnPath:
     the counters are monotonic and survive it.
     """
 
-    def __init__(self, backend_addresses: Iterable[Address], vips: Iterable[Address], inside: Address) -> None:
+    def __init__(self, backend_addresses: Iterable[Address], vips: Iterable[Address]) -> None:
         self.allowed: frozenset[Address] = frozenset()
         self.vips: frozenset[Address] = frozenset()
-        self.inside: Address = ("", 0)
-        self.reconfigure(backend_addresses, vips, inside)
+        self.reconfigure(backend_addresses, vips)
         self.rx = 0
         self.tx = 0
         self.tx_bytes = 0
         self.rejected: dict[str, int] = {}
 
-    def reconfigure(self, backend_addresses: Iterable[Address], vips: Iterable[Address], inside: Address) -> None:
+    def reconfigure(self, backend_addresses: Iterable[Address], vips: Iterable[Address]) -> None:
         self.allowed = frozenset(normalize_address(a) for a in backend_addresses)
         self.vips = frozenset(normalize_address(v) for v in vips)
-        self.inside = normalize_address(inside)
 
     def _reject(self, reason: str) -> ReturnDecision:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1

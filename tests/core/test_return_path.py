@@ -43,7 +43,7 @@ PROXY_REASONS = {
 
 
 def make_path() -> ReturnPath:
-    return ReturnPath([BACKEND1, BACKEND2, BACKEND6], [VIP, VIP6], INSIDE)
+    return ReturnPath([BACKEND1, BACKEND2, BACKEND6], [VIP, VIP6])
 
 
 def reply(client: tuple[str, int] = CLIENT, vip: tuple[str, int] = VIP, payload: bytes = PAYLOAD) -> bytes:
@@ -88,7 +88,7 @@ def test_accepted_reply_goes_to_the_client_from_the_vip(
 
 
 def test_backend_configured_as_mapped_address_accepts_plain_ipv4_source() -> None:
-    path = ReturnPath([("::ffff:10.0.0.7", 4007)], [("::ffff:192.0.2.10", 443)], INSIDE)
+    path = ReturnPath([("::ffff:10.0.0.7", 4007)], [("::ffff:192.0.2.10", 443)])
     decision = path.handle(reply(), ("10.0.0.7", 4007))
     assert decision.outcome == ReturnOutcome.TO_CLIENT
     assert decision.vip == VIP
@@ -319,7 +319,7 @@ def test_counters_add_up_over_random_traffic() -> None:
 def test_reconfigure_swaps_trust_and_keeps_counters() -> None:
     path = make_path()
     assert path.handle(reply(), BACKEND2).outcome == ReturnOutcome.TO_CLIENT
-    path.reconfigure([BACKEND1], [OTHER_VIP], INSIDE)
+    path.reconfigure([BACKEND1], [OTHER_VIP])
     assert path.handle(reply(), BACKEND2).reason == "source"  # removed backend
     assert path.handle(reply(), BACKEND1).reason == "unknown_vip"  # VIP no longer served
     assert path.handle(reply(vip=OTHER_VIP), BACKEND1).outcome == ReturnOutcome.TO_CLIENT
