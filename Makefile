@@ -37,13 +37,13 @@ install: $(STAMP) ## create .venv and install quiclb with its test and lint tool
 
 .PHONY: lint
 lint: $(STAMP) ## ruff and mypy (strict)
-	$(VENV)/bin/ruff check lb backends tests bench
+	$(VENV)/bin/ruff check lb backends quiclb_harness tests bench
 	$(VENV)/bin/mypy
 
 .PHONY: format
 format: $(STAMP) ## ruff format + autofix
-	$(VENV)/bin/ruff format lb backends tests bench
-	$(VENV)/bin/ruff check --fix lb backends tests bench
+	$(VENV)/bin/ruff format lb backends quiclb_harness tests bench
+	$(VENV)/bin/ruff check --fix lb backends quiclb_harness tests bench
 
 .PHONY: pytest
 pytest: $(STAMP) ## the test suite alone (opt-in sizes excluded)

@@ -65,8 +65,8 @@ from pathlib import Path
 from typing import Any
 
 from lb import CidConfig, __version__, decode_server_id, encode_cid
-from lb.testing.deployment import BackendSpec, CidConfigSpec, Deployment, ServiceSpec, free_udp_port
-from lb.testing.processes import ManagedProcess
+from quiclb_harness.deployment import BackendSpec, CidConfigSpec, Deployment, ServiceSpec, free_udp_port
+from quiclb_harness.processes import ManagedProcess
 
 BENCH = Path(__file__).resolve().parent
 C_DIR = BENCH / "c"

@@ -21,7 +21,7 @@ from results_file import run_metadata, write_result
 from lb import CidConfig, encode_cid
 from lb.core.router import Router
 from lb.core.service_table import Backend, build_service_table
-from lb.testing.datagrams import initial, short_header
+from quiclb_harness.datagrams import initial, short_header
 
 N = 20_000
 

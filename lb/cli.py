@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from lb.control.config import LbConfig, format_address, load_config
@@ -252,13 +253,19 @@ def _supervise(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
-# -- demo ---------------------------------------------------------------------------
+# -- subcommands of other installed packages ----------------------------------------
+
+#: Entry-point group whose callables add subcommands (quiclb_harness adds ``demo``), so this
+#: CLI runs the demo without importing test infrastructure.
+COMMAND_ENTRY_POINT_GROUP = "quiclb.commands"
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from lb.demo import run_demo  # noqa: PLC0415 - pulls in aioquic and the backends
-
-    return run_demo(workdir=args.workdir, keep=args.keep)
+def add_entry_point_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for entry in sorted(entry_points(group=COMMAND_ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            entry.load()(sub)
+        except Exception as exc:  # a broken optional command must never stop `quiclb run`
+            print(f"quiclb: warning: command {entry.name!r} unavailable: {exc}", file=sys.stderr)
 
 
 # -- parser -------------------------------------------------------------------------
@@ -302,10 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-c", "--config", type=Path, required=True)
     c.set_defaults(func=cmd_check_config)
 
-    m = sub.add_parser("demo", help="LB + 3 backends on loopback, real QUIC clients, a report")
-    m.add_argument("--workdir", type=Path, help="where to write keys and config (default: a temp dir)")
-    m.add_argument("--keep", action="store_true", help="keep the work directory")
-    m.set_defaults(func=cmd_demo)
+    add_entry_point_commands(sub)
     return ap
 
 

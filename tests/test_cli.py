@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lb.cli import main
-from lb.testing.deployment import BackendSpec, Deployment, ServiceSpec
+from quiclb_harness.deployment import BackendSpec, Deployment, ServiceSpec
 
 WORKED_KEY = "fdf726a9893ec05c0632d3956680baf0"
 

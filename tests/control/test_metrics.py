@@ -25,7 +25,7 @@ from lb.core.quic_header import QUIC_V1
 from lb.core.return_path import ReturnStats
 from lb.core.router import Outcome, Router, RouterStats
 from lb.core.service_table import Backend, build_service_table
-from lb.testing.datagrams import GREASE_VERSION, initial, long_header, short_header, version_negotiation
+from quiclb_harness.datagrams import GREASE_VERSION, initial, long_header, short_header, version_negotiation
 
 KEY = bytes.fromhex("fdf726a9893ec05c0632d3956680baf0")
 FALLBACK_KEY = bytes.fromhex("0123456789abcdef0123456789abcdef")

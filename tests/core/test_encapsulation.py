@@ -22,7 +22,7 @@ from lb.core.encapsulation import (
     encode_proxy_header,
 )
 from lb.errors import MalformedDatagram
-from lb.testing.datagrams import initial
+from quiclb_harness.datagrams import initial
 
 CLIENT4 = ("192.0.2.10", 50123)
 VIP4 = ("198.51.100.1", 443)

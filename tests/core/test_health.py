@@ -9,7 +9,7 @@ from lb.core.health import HealthTracker, build_probe, probe_reply_nonce_untrust
 from lb.core.quic_header import is_reserved_version, parse_routing_fields_untrusted
 from lb.core.router import Outcome, Router
 from lb.core.service_table import Backend, build_service_table
-from lb.testing.datagrams import initial, short_header, version_negotiation, vn_probe
+from quiclb_harness.datagrams import initial, short_header, version_negotiation, vn_probe
 
 INTERVAL, TIMEOUT, THRESHOLD = 1.0, 0.5, 3
 

@@ -17,7 +17,7 @@ from lb.core.quic_header import (
     parse_routing_fields_untrusted,
 )
 from lb.errors import MalformedDatagram
-from lb.testing.datagrams import (
+from quiclb_harness.datagrams import (
     GREASE_VERSION,
     initial,
     long_header,

@@ -16,7 +16,7 @@ import pytest
 from lb.core.encapsulation import PROXY_V2_SIGNATURE, encode_proxy_header
 from lb.core.health import build_probe, probe_reply_nonce_untrusted
 from lb.core.return_path import ReturnOutcome, ReturnPath, ReturnStats
-from lb.testing.datagrams import short_header, version_negotiation
+from quiclb_harness.datagrams import short_header, version_negotiation
 
 BACKEND1 = ("10.0.0.1", 4001)
 BACKEND2 = ("10.0.0.2", 4002)

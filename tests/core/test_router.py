@@ -32,7 +32,7 @@ from lb import CidConfig, CidIssuer, decode_server_id, encode_cid
 from lb.core.encapsulation import encode_proxy_header
 from lb.core.router import Outcome, Router
 from lb.core.service_table import Backend, ServiceTable, build_service_table
-from lb.testing.datagrams import initial, long_header, short_header, version_negotiation, vn_probe
+from quiclb_harness.datagrams import initial, long_header, short_header, version_negotiation, vn_probe
 
 QUIC_V1 = 0x00000001
 QUIC_V2 = 0x6B3343CF

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lb.testing.deployment import BackendSpec, Deployment, ServiceSpec
-from lb.testing.processes import ManagedProcess, start_lb
-from lb.testing.udp_backend import UdpTestBackend
+from quiclb_harness.deployment import BackendSpec, Deployment, ServiceSpec
+from quiclb_harness.processes import ManagedProcess, start_lb
+from quiclb_harness.udp_backend import UdpTestBackend
 
 
 @dataclass

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from lb import CidConfig, decode_server_id
-from lb.testing.admin_client import metric_sum
-from lb.testing.quic_cluster import QuicCluster
+from quiclb_harness.admin_client import metric_sum
+from quiclb_harness.quic_cluster import QuicCluster
 
 CLIENT = "gtlsclient"
 RUN_TIMEOUT = 30

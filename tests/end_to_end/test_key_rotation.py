@@ -18,10 +18,10 @@ import pytest
 
 from backends.client import ClientError
 from lb import CidConfig, decode_server_id
-from lb.testing.admin_client import metric_sum
-from lb.testing.deployment import CidConfigSpec
-from lb.testing.quic_cluster import QuicCluster
-from lb.testing.workload import EchoWorkload, close_clients, open_clients
+from quiclb_harness.admin_client import metric_sum
+from quiclb_harness.deployment import CidConfigSpec
+from quiclb_harness.quic_cluster import QuicCluster
+from quiclb_harness.workload import EchoWorkload, close_clients, open_clients
 
 if TYPE_CHECKING:
     from backends.client import EchoClient

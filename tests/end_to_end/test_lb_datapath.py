@@ -24,12 +24,12 @@ from lb.control.config import load_config
 from lb.control.table_builder import TableBuilder
 from lb.core.encapsulation import encode_proxy_header
 from lb.core.maglev import four_tuple_key
-from lb.testing.admin_client import admin_json, admin_request, metric_sum, scrape
-from lb.testing.datagrams import initial, short_header
-from lb.testing.deployment import BackendSpec, CidConfigSpec, Deployment, ServiceSpec
-from lb.testing.processes import start_lb as start_lb_process
-from lb.testing.udp_backend import REPLY_PREFIX, UdpTestBackend
-from lb.testing.waiting import wait_until
+from quiclb_harness.admin_client import admin_json, admin_request, metric_sum, scrape
+from quiclb_harness.datagrams import initial, short_header
+from quiclb_harness.deployment import BackendSpec, CidConfigSpec, Deployment, ServiceSpec
+from quiclb_harness.processes import start_lb as start_lb_process
+from quiclb_harness.udp_backend import REPLY_PREFIX, UdpTestBackend
+from quiclb_harness.waiting import wait_until
 
 from .conftest import UdpCluster, make_udp_cluster
 
@@ -239,7 +239,7 @@ def test_two_processes_with_different_hash_seeds_decide_identically(udp_cluster:
     digests = []
     for seed in ("1", "2"):
         out = subprocess.run(
-            [sys.executable, "-m", "lb.testing.decisions", "-c", str(udp_cluster.dep.path), "--count", "100000"],
+            [sys.executable, "-m", "quiclb_harness.decisions", "-c", str(udp_cluster.dep.path), "--count", "100000"],
             capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": seed}, timeout=300,
         )
         digests.append(json.loads(out.stdout))

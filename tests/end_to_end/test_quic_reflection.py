@@ -20,9 +20,9 @@ import pytest
 from backends.client import EchoClient
 from lb.core.encapsulation import encode_proxy_header
 from lb.core.quic_header import parse_routing_fields_untrusted
-from lb.testing.admin_client import metric_sum
-from lb.testing.datagrams import initial, long_header, short_header
-from lb.testing.quic_cluster import QuicCluster
+from quiclb_harness.admin_client import metric_sum
+from quiclb_harness.datagrams import initial, long_header, short_header
+from quiclb_harness.quic_cluster import QuicCluster
 
 GREASED = 0x1A2A3A4A
 

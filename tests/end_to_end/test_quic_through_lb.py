@@ -37,10 +37,10 @@ from lb import CidConfig, decode_server_id
 from lb.control.config import load_config
 from lb.control.table_builder import TableBuilder
 from lb.core.maglev import four_tuple_key
-from lb.testing.admin_client import metric_sum
-from lb.testing.processes import ManagedProcess
-from lb.testing.quic_cluster import QuicCluster
-from lb.testing.workload import EchoWorkload, WorkloadReport, close_clients, open_clients
+from quiclb_harness.admin_client import metric_sum
+from quiclb_harness.processes import ManagedProcess
+from quiclb_harness.quic_cluster import QuicCluster
+from quiclb_harness.workload import EchoWorkload, WorkloadReport, close_clients, open_clients
 
 pytestmark = pytest.mark.slow
 

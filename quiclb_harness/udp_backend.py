@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from lb.core.encapsulation import decapsulate_untrusted, encode_proxy_header
 from lb.core.quic_header import is_reserved_version, parse_routing_fields_untrusted
 from lb.errors import MalformedDatagram
-from lb.testing.datagrams import version_negotiation
+from quiclb_harness.datagrams import version_negotiation
 
 REPLY_PREFIX = b"reply-from:"
 

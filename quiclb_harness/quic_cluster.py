@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lb.testing.admin_client import admin_request, scrape
-from lb.testing.deployment import BackendSpec, CidConfigSpec, Deployment, ServiceSpec
-from lb.testing.processes import ManagedProcess, start_backend, start_lb
+from quiclb_harness.admin_client import admin_request, scrape
+from quiclb_harness.deployment import BackendSpec, CidConfigSpec, Deployment, ServiceSpec
+from quiclb_harness.processes import ManagedProcess, start_backend, start_lb
 
 
 @dataclass

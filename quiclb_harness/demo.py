@@ -31,8 +31,8 @@ from pathlib import Path
 
 from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import decode_server_id
-from lb.testing.admin_client import metric_sum
-from lb.testing.quic_cluster import QuicCluster
+from quiclb_harness.admin_client import metric_sum
+from quiclb_harness.quic_cluster import QuicCluster
 
 CLIENTS = 24  # with 3 backends, P(a backend gets no handshake) = 3 * (2/3)^24 < 0.03%
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -1,6 +1,6 @@
 """Route a seeded mix of datagrams through a real Router and print a digest of the decisions.
 
-``python -m lb.testing.decisions -c lb.toml --seed 7 --count 100000`` — used by
+``python -m quiclb_harness.decisions -c lb.toml --seed 7 --count 100000`` — used by
 the determinism test (acceptance R-5): two processes with different
 ``PYTHONHASHSEED`` must print the same digest.
 """
@@ -17,7 +17,7 @@ from lb.control.config import load_config
 from lb.control.table_builder import TableBuilder
 from lb.core.cid_encoder import encode_cid
 from lb.core.router import Router
-from lb.testing.datagrams import initial, short_header
+from quiclb_harness.datagrams import initial, short_header
 
 
 def mixed_datagrams(cfg_path: str, seed: int, count: int) -> tuple[Router, list[tuple[bytes, tuple[str, int]]]]:
