@@ -15,7 +15,10 @@ import pytest
 
 from lb.core.encapsulation import PROXY_V2_SIGNATURE, encode_proxy_header
 from lb.core.health import build_probe, probe_reply_nonce_untrusted
+from lb.core.cid_config import CidConfig
+from lb.core.cid_encoder import encode_cid
 from lb.core.return_path import ReturnOutcome, ReturnPath, ReturnStats
+from lb.core.service_table import Address, Backend, ServiceTable, build_service_table
 from quiclb_harness.datagrams import short_header, version_negotiation
 
 BACKEND1 = ("10.0.0.1", 4001)
@@ -42,8 +45,20 @@ PROXY_REASONS = {
 }
 
 
+CFG = CidConfig(config_id=0, server_id_len=2, nonce_len=6, key=bytes(range(16)))
+
+
+def table(name: str, vip: Address, backends: list[Address], cfg: CidConfig = CFG) -> ServiceTable:
+    """A service whose backends have server IDs 0001, 0002, ... in the order given."""
+    return build_service_table(
+        name=name, vip=vip, cid_configs=[cfg], fallback_key=bytes(16), maglev_size=1009,
+        backends=[Backend(server_id=(i + 1).to_bytes(2, "big"), address=a) for i, a in enumerate(backends)],
+    )
+
+
 def make_path() -> ReturnPath:
-    return ReturnPath([BACKEND1, BACKEND2, BACKEND6], [VIP, VIP6])
+    # Two tenants: service "a" on VIP with BACKEND1 and BACKEND2, service "b" on VIP6 with BACKEND6.
+    return ReturnPath([table("a", VIP, [BACKEND1, BACKEND2]), table("b", VIP6, [BACKEND6])], own_addresses=[INSIDE])
 
 
 def reply(client: tuple[str, int] = CLIENT, vip: tuple[str, int] = VIP, payload: bytes = PAYLOAD) -> bytes:
@@ -88,7 +103,7 @@ def test_accepted_reply_goes_to_the_client_from_the_vip(
 
 
 def test_backend_configured_as_mapped_address_accepts_plain_ipv4_source() -> None:
-    path = ReturnPath([("::ffff:10.0.0.7", 4007)], [("::ffff:192.0.2.10", 443)])
+    path = ReturnPath([table("a", ("::ffff:192.0.2.10", 443), [("::ffff:10.0.0.7", 4007)])])
     decision = path.handle(reply(), ("10.0.0.7", 4007))
     assert decision.outcome == ReturnOutcome.TO_CLIENT
     assert decision.vip == VIP
@@ -319,10 +334,94 @@ def test_counters_add_up_over_random_traffic() -> None:
 def test_reconfigure_swaps_trust_and_keeps_counters() -> None:
     path = make_path()
     assert path.handle(reply(), BACKEND2).outcome == ReturnOutcome.TO_CLIENT
-    path.reconfigure([BACKEND1], [OTHER_VIP])
+    path.reconfigure([table("a", OTHER_VIP, [BACKEND1])])
     assert path.handle(reply(), BACKEND2).reason == "source"  # removed backend
     assert path.handle(reply(), BACKEND1).reason == "unknown_vip"  # VIP no longer served
     assert path.handle(reply(vip=OTHER_VIP), BACKEND1).outcome == ReturnOutcome.TO_CLIENT
     s = check_sums(path)
     assert (s.rx_backend_datagrams, s.tx_to_client) == (4, 2)
     assert s.rejected == {"source": 1, "unknown_vip": 1}
+
+
+# --- tenant isolation, client addresses, stale configurations ----------------------------
+
+
+def test_a_backend_never_emits_from_another_tenants_vip() -> None:
+    # Issue 13 hole 1: BACKEND6 belongs to service "b" (VIP6) only; BACKEND1 to "a" (VIP) only.
+    path = make_path()
+    assert path.handle(reply(CLIENT6, VIP6), BACKEND1).reason == "foreign_vip"
+    assert path.handle(reply(CLIENT, VIP), BACKEND6).reason == "foreign_vip"
+    assert path.handle(reply(CLIENT6, VIP6), BACKEND6).outcome == ReturnOutcome.TO_CLIENT
+    s = check_sums(path)
+    assert s.rejected == {"foreign_vip": 2}
+    assert s.tx_to_client == 1
+
+
+def test_a_backend_in_two_services_may_use_both_vips() -> None:
+    shared = ("10.0.0.50", 4050)
+    path = ReturnPath([table("a", VIP, [shared]), table("b", OTHER_VIP, [shared])])
+    assert path.handle(reply(CLIENT, VIP), shared).outcome == ReturnOutcome.TO_CLIENT
+    assert path.handle(reply(CLIENT, OTHER_VIP), shared).outcome == ReturnOutcome.TO_CLIENT
+
+
+@pytest.mark.parametrize(
+    ("client", "vip", "reason"),
+    [
+        (("0.0.0.0", 5000), VIP, "client_unspecified"),
+        (("::", 5000), VIP6, "client_unspecified"),
+        (("224.0.0.1", 5000), VIP, "client_multicast"),
+        (("239.255.255.250", 1900), VIP, "client_multicast"),
+        (("ff02::1", 5000), VIP6, "client_multicast"),
+        (("255.255.255.255", 5000), VIP, "client_broadcast"),
+        (VIP, VIP, "client_own_address"),  # would re-enter the router as a client datagram
+        (INSIDE, VIP, "client_own_address"),
+        (VIP6, VIP6, "client_own_address"),
+    ],
+    ids=repr,
+)
+def test_replies_never_go_to_unspecified_multicast_broadcast_or_own_addresses(
+    client: Address, vip: Address, reason: str
+) -> None:
+    path = make_path()
+    source = BACKEND6 if ":" in vip[0] else BACKEND1
+    decision = path.handle(reply(client, vip), source)
+    assert (decision.outcome, decision.reason) == (ReturnOutcome.REJECTED, reason)
+    assert check_sums(path).rejected == {reason: 1}
+
+
+def test_a_client_on_the_vips_host_but_another_port_is_served() -> None:
+    # One-host deployments: clients share the VIP's IP (loopback); only the exact sockets are refused.
+    path = make_path()
+    assert path.handle(reply(("192.0.2.10", 40000), VIP), BACKEND1).outcome == ReturnOutcome.TO_CLIENT
+
+
+def _handshake_reply(scid: bytes) -> bytes:
+    # A long-header (Initial-type) reply: first octet 0xc0, version 1, DCID, SCID, then padding.
+    dcid = bytes(8)
+    return b"\xc0\x00\x00\x00\x01" + bytes([len(dcid)]) + dcid + bytes([len(scid)]) + scid + bytes(40)
+
+
+def test_stale_configuration_is_flagged_and_cleared() -> None:
+    # R-20: backend 0001 of service "a" answers a handshake with an SCID from a key the LB lacks.
+    path = make_path()
+    flips: list[tuple[str, str, bool]] = []
+    path.on_stale_change = lambda service, label, stale: flips.append((service, label, stale))
+    other_key = CidConfig(config_id=0, server_id_len=2, nonce_len=6, key=bytes(range(1, 17)))
+    stale = encode_cid(other_key, server_id=b"\x00\x01", nonce=bytes(6))
+    good = encode_cid(CFG, server_id=b"\x00\x01", nonce=bytes(6))
+    assert path.handle(encode_proxy_header(CLIENT, VIP) + _handshake_reply(stale), BACKEND1).outcome == (
+        ReturnOutcome.TO_CLIENT  # still delivered: the alarm is for the operator
+    )
+    s = path.stats()
+    assert s.stale_config == {("a", "0001"): True}
+    assert s.stale_cid_replies == {("a", "0001"): 1}
+    path.handle(encode_proxy_header(CLIENT, VIP) + _handshake_reply(good), BACKEND1)
+    assert path.stats().stale_config == {("a", "0001"): False}
+    # Another backend's SCID is stale for this sender too: it would route elsewhere.
+    other_backend = encode_cid(CFG, server_id=b"\x00\x02", nonce=bytes(6))
+    path.handle(encode_proxy_header(CLIENT, VIP) + _handshake_reply(other_backend), BACKEND1)
+    assert path.stats().stale_config == {("a", "0001"): True}
+    assert flips == [("a", "0001", True), ("a", "0001", False), ("a", "0001", True)]
+    # Short headers and VN answers are never inspected.
+    path.handle(encode_proxy_header(CLIENT, VIP) + PAYLOAD, BACKEND1)
+    assert path.stats().stale_cid_replies == {("a", "0001"): 2}
