@@ -83,7 +83,7 @@ class LoadBalancer:
         self.health: HealthTracker[HealthKey] = HealthTracker(
             lb.health_interval, lb.health_timeout, lb.health_threshold
         )
-        self.return_path = ReturnPath(self._backend_addresses(config), (s.vip for s in config.services))
+        self.return_path = ReturnPath(own_addresses=[config.lb.inside])
         self._backend_owner = self._owners(config)
         self.encoder = ProxyHeaderEncoder()
         self.counters = _Counters()
@@ -134,6 +134,7 @@ class LoadBalancer:
         cfg = self.config
         self.health.set_targets((s.name, b.server_id) for s in cfg.services for b in s.backends)
         tables = self.builder.build(cfg, self._healthy)
+        self.return_path.reconfigure(tables.values())
         self.inside_transport, _ = await open_datagram_port(
             bind_udp(cfg.lb.inside), lambda: CallbackProtocol(self._on_inside), self.io
         )
@@ -396,7 +397,7 @@ class LoadBalancer:
         self._index_vips()
         for name, runtime in self.services.items():
             runtime.router.set_table(tables[name])
-        self.return_path.reconfigure(self._backend_addresses(new), (s.vip for s in new.services))
+        self.return_path.reconfigure(tables.values(), own_addresses=[new.lb.inside])
         self._backend_owner = self._owners(new)
         if token is not None:
             assert self.admin is not None
