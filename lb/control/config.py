@@ -45,7 +45,8 @@ from lb.control.config_model import (
     parse_address,
 )
 from lb.control.config_parser import Parser
-from lb.errors import ConfigError
+from lb.control.files import MAX_CONFIG_BYTES, read_regular_file
+from lb.errors import ConfigError, LbError
 
 __all__ = [
     "DEFAULT_MAGLEV_SIZE",
@@ -71,12 +72,16 @@ __all__ = [
 
 
 def load_config(path: str | Path) -> LbConfig:
-    """Read, parse and validate the TOML file at ``path``."""
+    """Read, parse and validate the TOML file at ``path``.
+
+    Raises only :class:`~lb.errors.ConfigError` (one line, naming the file) for
+    anything wrong with the file or its content, so a reload can always be
+    rejected cleanly: a FIFO, device or directory, a file over
+    :data:`~lb.control.files.MAX_CONFIG_BYTES`, bad UTF-8 or TOML, values
+    nested too deeply for the parser, and any unexpected failure while validating.
+    """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    raw = read_regular_file(path, MAX_CONFIG_BYTES, "configuration").data
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -90,11 +95,30 @@ def load_config(path: str | Path) -> LbConfig:
                 f"{path}: line {where.group(1)}, column {where.group(2)}: TOML syntax error: {base}"
             ) from None
         raise ConfigError(f"{path}: TOML syntax error: {message}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: TOML values are nested too deeply to parse; refusing it") from None
+    except Exception as exc:  # tomllib has no other documented errors; never let one escape a reload
+        raise ConfigError(f"{path}: TOML parser failed: {_one_line(exc)}") from None
     return parse_config(data, path)
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
 def parse_config(data: dict[str, Any], path: Path) -> LbConfig:
-    """Validate an already-parsed TOML document; relative paths resolve against ``path.parent``."""
-    return Parser(Path(path)).parse(data)
+    """Validate an already-parsed TOML document; relative paths resolve against ``path.parent``.
 
-
+    Raises only :class:`~lb.errors.ConfigError`: a failure the validator did not
+    anticipate (a bug, or a document nested too deeply) is reported as one.
+    """
+    path = Path(path)
+    try:
+        return Parser(path).parse(data)
+    except LbError:
+        raise
+    except RecursionError:
+        raise ConfigError(f"{path}: values are nested too deeply to validate; refusing them") from None
+    except Exception as exc:
+        raise ConfigError(f"{path}: unexpected error while validating: {_one_line(exc)}") from None

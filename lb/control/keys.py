@@ -18,6 +18,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from lb.control.files import read_regular_file
 from lb.errors import ConfigError
 
 #: Length of a QUIC-LB AES-128 key, and of a fallback hash key file, in bytes.
@@ -94,37 +95,17 @@ def _write_new_private(path: Path, data: bytes) -> None:
 def _read_private_file(path: Path, what: str) -> bytes:
     """Read a small regular file that only its owner may access (``mode & 0o077 == 0``).
 
-    The mode is checked on the opened descriptor, so it is the file actually read.
+    Read through :func:`~lb.control.files.read_regular_file` (no FIFO, device or
+    huge file); the mode checked is the opened file's, so it is the file read.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot open {what}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{path}: {what} must be a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & _FORBIDDEN_MODE_BITS:
-            raise ConfigError(
-                f"{path}: {what} has mode {mode:04o}, which lets group or other users access it; "
-                f"refusing to use it. Fix: chmod 600 {path}"
-            )
-        chunks: list[bytes] = []
-        size = 0
-        while size <= MAX_SECRET_FILE_BYTES:
-            chunk = os.read(fd, MAX_SECRET_FILE_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if size > MAX_SECRET_FILE_BYTES:
-        raise ConfigError(f"{path}: {what} is larger than {MAX_SECRET_FILE_BYTES} bytes")
-    return b"".join(chunks)
+    content = read_regular_file(path, MAX_SECRET_FILE_BYTES, what)
+    mode = stat.S_IMODE(content.mode)
+    if mode & _FORBIDDEN_MODE_BITS:
+        raise ConfigError(
+            f"{path}: {what} has mode {mode:04o}, which lets group or other users access it; "
+            f"refusing to use it. Fix: chmod 600 {path}"
+        )
+    return content.data
 
 
 def read_key_file(path: Path) -> bytes:

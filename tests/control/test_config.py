@@ -466,7 +466,7 @@ def test_toml_not_utf8(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read configuration"):
+    with pytest.raises(ConfigError, match="cannot open configuration: No such file"):
         load_config(tmp_path / "absent.toml")
 
 

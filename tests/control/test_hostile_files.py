@@ -1,0 +1,168 @@
+"""Hostile files as configuration, key or token: refused at once, in one line (issue 12 items 1-3).
+
+Each case goes through the real command line (``python -m lb``) where a hang
+or a traceback is what an operator would see; a subprocess timeout turns a
+hang into a failure instead of a stuck test run.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lb.control.config import load_config
+from lb.control.files import MAX_CONFIG_BYTES
+from lb.errors import ConfigError
+from quiclb_harness.deployment import BackendSpec, Deployment, ServiceSpec
+
+#: Generous: the fixed code answers in well under a second; today's code hangs on a FIFO forever.
+CLI_TIMEOUT = 30.0
+#: Address-space cap for children that might read /dev/zero: a runaway read dies fast, not the host.
+CHILD_MEMORY_LIMIT = 1 << 30
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_LIMIT, CHILD_MEMORY_LIMIT))
+
+
+def quiclb(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lb", *args], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT, check=False, preexec_fn=_limit_memory)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert result.returncode == code, (result.returncode, result.stderr)
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def dep(tmp_path: Path) -> Deployment:
+    d = Deployment(tmp_path / "dep", [ServiceSpec(backends=[BackendSpec("0001")])], admin=True,
+                   extra_lb='fallback_key_file = "keys/fallback.key"')
+    d.directory.mkdir()
+    d.write()
+    from lb.control.keys import write_key_file  # noqa: PLC0415
+
+    write_key_file(d.directory / "keys" / "fallback.key")
+    return d
+
+
+def _fifo(path: Path) -> Path:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path, 0o600)
+    return path
+
+
+# ---- item 1: FIFOs, devices and directories are not files we read
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_fifo_as_config_is_refused_at_once(tmp_path: Path, command: str) -> None:
+    fifo = _fifo(tmp_path / "lb.toml")
+    result = quiclb(command, "-c", str(fifo))
+    assert_one_line_error(result, 2, str(fifo), "not a regular file", "FIFO")
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "symlink-to-dev-zero", "directory"])
+def test_device_or_directory_as_config_is_refused(tmp_path: Path, kind: str) -> None:
+    if kind == "dev-zero":
+        target = Path("/dev/zero")
+    elif kind == "symlink-to-dev-zero":
+        target = tmp_path / "lb.toml"
+        target.symlink_to("/dev/zero")
+    else:
+        target = tmp_path
+    result = quiclb("check-config", "-c", str(target))
+    assert "MemoryError" not in result.stderr
+    assert_one_line_error(result, 2, str(target), "not a regular file")
+
+
+@pytest.mark.parametrize(
+    ("file", "key_path"),
+    [
+        ("keys/echo-0.key", "service[0].cid_config[0].key_file"),
+        ("admin.token", "lb.admin_token_file"),
+        ("keys/fallback.key", "lb.fallback_key_file"),
+    ],
+)
+def test_fifo_as_secret_file_is_refused_naming_file_and_key(dep: Deployment, file: str, key_path: str) -> None:
+    fifo = _fifo(dep.directory / file)
+    result = quiclb("check-config", "-c", str(dep.path))
+    assert_one_line_error(result, 2, str(dep.path), key_path, str(fifo), "not a regular file", "FIFO")
+
+
+def test_symlink_to_a_device_as_key_file_is_refused(dep: Deployment) -> None:
+    key = dep.directory / "keys" / "echo-0.key"
+    key.unlink()
+    key.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match=r"cid_config\[0\]\.key_file: .*not a regular file \(a character device\)"):
+        load_config(dep.path)
+
+
+# ---- item 2: size cap before reading
+
+
+def test_oversized_config_is_refused_before_reading(tmp_path: Path) -> None:
+    big = tmp_path / "lb.toml"
+    with big.open("wb") as f:
+        f.truncate(MAX_CONFIG_BYTES + 1)  # sparse: costs no disk
+    with pytest.raises(ConfigError) as info:
+        load_config(big)
+    assert str(info.value) == f"{big}: configuration is larger than 4 MiB ({MAX_CONFIG_BYTES} bytes); refusing it"
+
+
+def test_config_cap_is_four_mib() -> None:
+    assert MAX_CONFIG_BYTES == 4 * 1024 * 1024
+
+
+# ---- item 3: parser blow-ups are configuration errors
+
+
+def _deep(depth: int = 10_000) -> str:
+    return "x = " + "[" * depth + "]" * depth + "\n"
+
+
+def test_deeply_nested_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "lb.toml"
+    path.write_text(_deep())
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "nested too deeply" in message and "\n" not in message
+
+
+def test_deeply_nested_value_inside_a_valid_file_is_a_config_error(dep: Deployment) -> None:
+    text = dep.path.read_text().replace("[lb]\n", "[lb]\n" + _deep(3_000), 1)
+    dep.path.write_text(text)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(dep.path)
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_deeply_nested_toml_through_the_cli(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "lb.toml"
+    path.write_text(_deep())
+    assert_one_line_error(quiclb(command, "-c", str(path)), 2, str(path), "nested too deeply")
+
+
+def test_unexpected_validation_failure_is_a_config_error(dep: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any bug-class exception while validating content surfaces as a ConfigError naming the file."""
+    import lb.control.config_parser as parser_module  # noqa: PLC0415
+
+    def explode(*_args: object, **_kwargs: object) -> None:
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(parser_module.Parser, "parse_backend", explode)
+    with pytest.raises(ConfigError) as info:
+        load_config(dep.path)
+    assert str(info.value).startswith(f"{dep.path}: ") and "KeyError" in str(info.value)
