@@ -19,18 +19,27 @@ config or length checks never reach a cipher (acceptance D-3):
 Every datagram ends in exactly one :class:`Outcome`, and each outcome has one
 counter: the counters always sum to the datagrams routed.
 
-Sans-IO: no sockets, no clock, no logging. The adapter calls :meth:`Router.route`
-and sends the datagram to the returned backend.
+Two entry points with the same decisions and counters: :meth:`Router.route`,
+one datagram at a time (the reference, written to read like the list above),
+and :meth:`Router.route_batch`, which the adapters call: cache hits first,
+then every cache miss of the batch decoded together (one AES call per pass per
+configuration, not per datagram), then fallbacks. Property tests hold the two
+equal for any mix of datagrams.
+
+Sans-IO: no sockets, no clock, no logging. The adapter calls the router and
+sends each datagram to the returned backend.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from lb.core.cid_decoder import ConfigDecoder
 from lb.core.maglev import four_tuple_key
-from lb.core.quic_header import MIN_INITIAL_DATAGRAM, parse_routing_fields_untrusted
+from lb.core.quic_constants import MIN_INITIAL_DATAGRAM
+from lb.core.quic_header import parse_routing_fields_untrusted
 from lb.core.service_table import Address, Backend, ServiceTable
 from lb.errors import MalformedDatagram
 
@@ -84,6 +93,8 @@ class RouterStats:
     outcomes: Mapping[Outcome, int]
     malformed: Mapping[str, int]
     cid_routed: Mapping[tuple[int, str], int]  # (config ID, backend label) -> count
+    #: Datagrams sent to each backend (by label) through the fallback.
+    fallback_routed: Mapping[str, int]
     cipher_calls: int
     cache_entries: int
     cache_evictions: int
@@ -93,6 +104,9 @@ class RouterStats:
 
 
 RouteDecision = tuple[Outcome, Backend | None]
+
+#: Placeholder in a batch's decision list until the decision is made (never returned).
+_PENDING: RouteDecision = (Outcome.MALFORMED_DROPPED, None)
 
 
 class _CidRoute:
@@ -128,6 +142,7 @@ class Router:
         self._malformed: dict[str, int] = {}
         self._routes: dict[tuple[int, bytes], _CidRoute] = {}  # of the current table
         self._retired_cid_routed: dict[tuple[int, str], int] = {}  # counts of earlier tables' routes
+        self._fallback_routed: dict[str, int] = {}
         self._cipher_calls = 0
         self._evictions = 0
         self._rx = 0
@@ -205,6 +220,143 @@ class Router:
                 reason = Outcome.FALLBACK_UNKNOWN_SID
         return self._fallback(reason, client)
 
+    def route_batch(
+        self, buf: bytes | memoryview, stride: int, lengths: Sequence[int], client_at: Callable[[int], Address]
+    ) -> list[RouteDecision]:
+        """Route ``len(lengths)`` datagrams; datagram ``i`` is ``buf[i * stride : i * stride + lengths[i]]``.
+
+        ``client_at(i)`` gives datagram ``i``'s client address; it is called only
+        for datagrams that need the fallback, so adapters can decode addresses
+        lazily. Decisions and counters equal :meth:`route` called on each
+        datagram in order (the cache's eviction order aside, which may differ
+        within one batch when the cache is full).
+        """
+        n = len(lengths)
+        self._rx += n
+        table = self.table
+        by_config = table.decoder.by_config_id
+        cache = self._cache
+        out: list[RouteDecision] = [_PENDING] * n
+        # DCID -> (decoder, indices of the datagrams that carry it, long-header flags per index)
+        misses: dict[bytes, tuple[ConfigDecoder, list[int]]] = {}
+        long_reasons: dict[int, Outcome] = {}
+        off = 0
+        for i in range(n):
+            size = lengths[i]
+            if size == 0:
+                out[i] = self._malformed_drop("empty")
+            elif (first := buf[off]) & 0xC0 == 0x40:
+                # Short header with the fixed bit (RFC 8999 §5.2, RFC 9000 §17.3.1): the fast path.
+                if size < 2:
+                    out[i] = self._malformed_drop("truncated")
+                elif (dec := by_config[buf[off + 1] >> 5]) is None or size <= dec.cid_len:
+                    out[i] = self._unroutable_short(
+                        Outcome.FALLBACK_NO_CONFIG, Outcome.UNROUTABLE_DROPPED, client_at(i)
+                    )
+                else:
+                    dcid = bytes(buf[off + 1 : off + 1 + dec.cid_len])
+                    route = cache.get(dcid)
+                    if route is not None:
+                        route.count += 1
+                        out[i] = route.decision
+                    elif (miss := misses.get(dcid)) is not None:
+                        miss[1].append(i)
+                    else:
+                        misses[dcid] = (dec, [i])
+            elif not first & 0x80:
+                out[i] = self._malformed_drop("fixed_bit")
+            else:
+                decided = self._route_long(bytes(buf[off : off + size]), i, client_at, misses, long_reasons)
+                if decided is not None:
+                    out[i] = decided
+            off += stride
+        if misses:
+            self._resolve_misses(misses, long_reasons, out, client_at)
+        return out
+
+    def _route_long(
+        self,
+        datagram: bytes,
+        i: int,
+        client_at: Callable[[int], Address],
+        misses: dict[bytes, tuple[ConfigDecoder, list[int]]],
+        long_reasons: dict[int, Outcome],
+    ) -> RouteDecision | None:
+        """Steps 1-5 for a long header; None when its DCID joins the batch's cache misses."""
+        table = self.table
+        try:
+            fields = parse_routing_fields_untrusted(datagram, table.supported_versions)
+        except MalformedDatagram as exc:
+            return self._malformed_drop(exc.reason)
+        version = fields.version
+        if version == 0:
+            return self._drop(Outcome.VN_DROPPED)
+        supported = version in table.supported_versions
+        if not supported and len(datagram) < MIN_INITIAL_DATAGRAM:
+            return self._drop(Outcome.SMALL_UNKNOWN_VERSION_DROPPED)
+        dcid = fields.dcid
+        reason = Outcome.FALLBACK_INITIAL if supported else Outcome.FALLBACK_UNKNOWN_VERSION
+        dec = table.decoder.by_config_id[dcid[0] >> 5] if dcid else None
+        if dec is None or len(dcid) < dec.cid_len:
+            return self._fallback(reason, client_at(i))
+        key = dcid[: dec.cid_len]
+        route = self._cache.get(key)
+        if route is not None:
+            route.count += 1
+            return route.decision
+        # Decoded with the batch; an unknown server ID then takes the fallback for this reason.
+        long_reasons[i] = Outcome.FALLBACK_UNKNOWN_SID if supported else reason
+        miss = misses.get(key)
+        if miss is not None:
+            miss[1].append(i)
+        else:
+            misses[key] = (dec, [i])
+        return None
+
+    def _resolve_misses(
+        self,
+        misses: dict[bytes, tuple[ConfigDecoder, list[int]]],
+        long_reasons: dict[int, Outcome],
+        out: list[RouteDecision],
+        client_at: Callable[[int], Address],
+    ) -> None:
+        """Decode every missed DCID of a batch, one decoder call (one AES call per pass) per configuration."""
+        table = self.table
+        groups: dict[int, tuple[ConfigDecoder, list[bytes]]] = {}
+        for dcid, (dec, _) in misses.items():
+            group = groups.get(dec.cfg.config_id)
+            if group is None:
+                groups[dec.cfg.config_id] = (dec, [dcid])
+            else:
+                group[1].append(dcid)
+        caching = self._cache_size > 0
+        for dec, dcids in groups.values():
+            passes = dec.cfg.lb_passes
+            for dcid, sid in zip(dcids, dec.decode_many(dcids), strict=True):
+                indices = misses[dcid][1]
+                backend = table.backends.get(sid) if sid is not None else None
+                if backend is not None:
+                    # Like the scalar path: the first datagram decodes and fills the cache,
+                    # the others of the batch are cache hits.
+                    self._cipher_calls += passes if caching else passes * len(indices)
+                    decision = self._cid_route(dcid, dec.cfg.config_id, backend)
+                    route = self._routes[(dec.cfg.config_id, backend.server_id)]
+                    route.count += len(indices) - 1
+                    for i in indices:
+                        out[i] = decision
+                    continue
+                self._cipher_calls += passes * len(indices)  # unknown server IDs are never cached
+                for i in indices:
+                    reason = long_reasons.get(i)
+                    if reason is not None:
+                        out[i] = self._fallback(reason, client_at(i))
+                    elif sid in table.tombstones:
+                        out[i] = self._drop(Outcome.REMOVED_BACKEND_DROPPED)
+                    else:
+                        out[i] = self._unroutable_short(
+                            Outcome.FALLBACK_SHORT_UNKNOWN_SID, Outcome.UNKNOWN_SID_DROPPED, client_at(i)
+                        )
+
     # -- outcomes -------------------------------------------------------------
 
     def _cid_route(self, dcid: bytes, config_id: int, backend: Backend) -> RouteDecision:
@@ -222,7 +374,9 @@ class Router:
         if sid is None:
             return self._drop(Outcome.NO_BACKEND_DROPPED)
         self._counts[outcome] += 1
-        return outcome, table.backends[sid]
+        backend = table.backends[sid]
+        self._fallback_routed[backend.label] = self._fallback_routed.get(backend.label, 0) + 1
+        return outcome, backend
 
     def _unroutable_short(self, fallback: Outcome, drop: Outcome, client: Address) -> RouteDecision:
         if self.table.short_header_fallback:
@@ -263,6 +417,7 @@ class Router:
             outcomes=outcomes,
             malformed=dict(self._malformed),
             cid_routed=cid_routed,
+            fallback_routed=dict(self._fallback_routed),
             cipher_calls=self._cipher_calls,
             cache_entries=len(self._cache),
             cache_evictions=self._evictions,

@@ -434,12 +434,24 @@ def test_rows_are_unique_and_cover_every_outcome_and_reason() -> None:
     assert reasons == {"empty", "truncated", "fixed_bit", "cid_too_long"}
 
 
+#: The router's two entry points; shared tests run through both (route_batch with batches of one,
+#: as the asyncio adapter calls it; tests/core/test_router_batch.py covers real batches).
+ENTRIES = ("route", "route_batch")
+
+
+def route_via(entry: str, router: Router, datagram: bytes, client: tuple[str, int]) -> tuple[Outcome, Backend | None]:
+    if entry == "route":
+        return router.route(datagram, client)
+    return router.route_batch(datagram, 0, [len(datagram)], lambda _: client)[0]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("row", ROWS, ids=[r.desc for r in ROWS])
-def test_outcome_table(row: Row) -> None:
+def test_outcome_table(row: Row, entry: str) -> None:
     tbl = table(row.table)
     router = Router(tbl)
     before = snapshot(router)
-    outcome, backend = router.route(row.datagram, CLIENT)
+    outcome, backend = route_via(entry, router, row.datagram, CLIENT)
     assert outcome == row.outcome
     if row.backend is None:
         assert backend is None
@@ -451,7 +463,7 @@ def test_outcome_table(row: Row) -> None:
     assert deltas(before, snapshot(router)) == row.expected_deltas()
     assert_counters_consistent(router)
     # The decision does not change on a second look (decode cache, if any, is invisible).
-    assert router.route(row.datagram, CLIENT) == (outcome, backend)
+    assert route_via(entry, router, row.datagram, CLIENT) == (outcome, backend)
     assert_counters_consistent(router)
 
 
@@ -625,13 +637,14 @@ def d3_datagrams(rng: random.Random, tbl: ServiceTable) -> list[tuple[str, bytes
     return out[:10_000]
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("kind", ["single+switch", "four4", "rotation"])
-def test_d3_cheap_checks_cost_no_cipher_call(kind: str) -> None:
+def test_d3_cheap_checks_cost_no_cipher_call(kind: str, entry: str) -> None:
     tbl = table(kind)
     rng = random.Random(f"D-3 {kind}")
     router = Router(tbl)
     for label, datagram in d3_datagrams(rng, tbl):
-        outcome, _ = router.route(datagram, random_client(rng))
+        outcome, _ = route_via(entry, router, datagram, random_client(rng))
         assert outcome not in (Outcome.CID_ROUTED, Outcome.FALLBACK_UNKNOWN_SID, Outcome.UNKNOWN_SID_DROPPED), label
     stats = router.stats()
     assert stats.rx_client_datagrams == 10_000

@@ -1,0 +1,200 @@
+"""Router.route_batch equals Router.route for any mix of datagrams, and decodes each batch's misses together.
+
+The scalar :meth:`Router.route` is the reference (tests/core/test_router.py
+checks it against the spec row by row, and runs the same rows through
+``route_batch`` with batches of one). Here real batches, laid out in slots as
+the recvmmsg adapter lays them out, must give the same decisions and the same
+counters as routing each datagram in order, for any mix: routable, unknown and
+removed server IDs, several live configurations, Initials, VN, unknown
+versions, garbage, duplicates inside a batch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lb import CidConfig, encode_cid
+from lb.core.cid_decoder import ConfigDecoder
+from lb.core.router import Router, RouterStats
+from lb.core.service_table import Backend, ServiceTable, build_service_table
+from quiclb_harness.datagrams import initial, long_header, short_header, version_negotiation
+
+K0 = bytes.fromhex("fdf726a9893ec05c0632d3956680baf0")
+K1 = bytes.fromhex("8f95f09245765f80256934e50c66207f")
+SINGLE = CidConfig(config_id=0, server_id_len=2, nonce_len=14, key=K0)
+FOUR = CidConfig(config_id=1, server_id_len=3, nonce_len=4, key=K1)
+PLAIN = CidConfig(config_id=2, server_id_len=2, nonce_len=6, key=None)
+CONFIGS = (SINGLE, FOUR, PLAIN)
+VIP = ("192.0.2.10", 443)
+#: Server IDs 1..4 are backends (3 drains, 4 failed its health checks), 5 is tombstoned, 6 unassigned.
+BACKENDS = [
+    Backend((k).to_bytes(3, "big"), (f"10.0.0.{k}", 4000 + k), draining=k == 3, healthy=k != 4) for k in (1, 2, 3, 4)
+]
+
+
+def sid(k: int, cfg: CidConfig) -> bytes:
+    return k.to_bytes(3, "big")[-cfg.server_id_len :]
+
+
+def make_table(*, switch: bool) -> ServiceTable:
+    """One four-pass configuration with 3-byte server IDs."""
+    return build_service_table(
+        name="svc", vip=VIP, cid_configs=[FOUR], backends=BACKENDS, fallback_key=bytes(32),
+        tombstones=[(5).to_bytes(3, "big")], maglev_size=1009, short_header_fallback=switch,
+    )
+
+
+def make_multi_table(*, switch: bool) -> ServiceTable:
+    """Three live configurations of one server-ID length (2 bytes): single pass, four pass, plaintext."""
+    configs = (
+        SINGLE,
+        CidConfig(config_id=1, server_id_len=2, nonce_len=5, key=K1),
+        PLAIN,
+    )
+    backends = [Backend(b.server_id[1:], b.address, draining=b.draining, healthy=b.healthy) for b in BACKENDS]
+    return build_service_table(
+        name="svc", vip=VIP, cid_configs=configs, backends=backends, fallback_key=bytes(32),
+        tombstones=[(5).to_bytes(2, "big")], maglev_size=1009, short_header_fallback=switch,
+    )
+
+
+def cids_of(tbl: ServiceTable, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out = []
+    for cfg in tbl.cid_configs:
+        for k in (1, 2, 3, 4, 5, 6):
+            for _ in range(3):
+                out.append(encode_cid(cfg, server_id=sid(k, cfg), nonce=rng.randbytes(cfg.nonce_len)))
+    return out
+
+
+def datagram_kinds(cids: Sequence[bytes]) -> st.SearchStrategy[bytes]:
+    cid = st.sampled_from(list(cids))
+    return st.one_of(
+        cid.map(lambda c: short_header(c, payload_len=20)),  # routable or not, repeated often
+        st.tuples(cid, st.integers(0, 20)).map(lambda t: short_header(t[0], payload_len=20)[: 1 + t[1]]),
+        st.binary(min_size=0, max_size=40),  # garbage, any first byte
+        st.tuples(st.integers(0xE0, 0xFF), st.binary(min_size=20, max_size=30)).map(  # 0b111 config bits
+            lambda t: bytes([0x40, t[0]]) + t[1]
+        ),
+        st.binary(min_size=8, max_size=20).map(lambda d: initial(0x00000001, d, b"\x01" * 8)),  # client Initial
+        cid.map(lambda c: long_header(0x00000001, c, b"\x02" * 8, first_byte=0xE0, pad_to=60)),  # Handshake
+        cid.map(lambda c: version_negotiation(c, b"", [1])),
+        cid.map(lambda c: long_header(0x1A2A3A4A, c, b"", pad_to=1200)),  # unknown version, full size
+        cid.map(lambda c: long_header(0x1A2A3A4A, c, b"", pad_to=100)),  # unknown version, small
+    )
+
+
+def slots(datagrams: Sequence[bytes]) -> tuple[bytes, int, list[int]]:
+    """Lay datagrams out like recvmmsg does: fixed-size slots, garbage after each datagram."""
+    stride = max((len(d) for d in datagrams), default=0) + 7
+    buf = bytearray(b"\xa5" * (stride * len(datagrams)))
+    for i, d in enumerate(datagrams):
+        buf[i * stride : i * stride + len(d)] = d
+    return bytes(buf), stride, [len(d) for d in datagrams]
+
+
+def comparable(stats: RouterStats, *, with_cipher: bool) -> tuple[object, ...]:
+    base = (stats.rx_client_datagrams, dict(stats.outcomes), stats.malformed, stats.cid_routed, stats.fallback_routed)
+    return (*base, stats.cipher_calls) if with_cipher else base
+
+
+def check_batch_equals_scalar(
+    tbl: ServiceTable, datagrams: list[bytes], clients: list[tuple[str, int]], chunk: int, cache_size: int
+) -> None:
+    scalar, batch = Router(tbl, cache_size=cache_size), Router(tbl, cache_size=cache_size)
+    expected = [scalar.route(d, c) for d, c in zip(datagrams, clients, strict=True)]
+    got = []
+    for start in range(0, len(datagrams), chunk):
+        part = datagrams[start : start + chunk]
+        buf, stride, lengths = slots(part)
+        got += batch.route_batch(buf, stride, lengths, lambda i, s=start: clients[s + i])  # type: ignore[misc]
+    assert got == expected
+    # The cache's FIFO eviction may differ inside a batch when it is full; then only cipher calls differ.
+    evicted = scalar.stats().cache_evictions > 0 or batch.stats().cache_evictions > 0
+    assert comparable(batch.stats(), with_cipher=not evicted) == comparable(scalar.stats(), with_cipher=not evicted)
+    assert batch.stats().total_outcomes() == len(datagrams)
+
+
+TABLES = {
+    "four": make_table(switch=False),
+    "four+switch": make_table(switch=True),
+    "multi": make_multi_table(switch=False),
+    "multi+switch": make_multi_table(switch=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(TABLES))
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), chunk=st.sampled_from([1, 2, 7, 64]), cache_size=st.sampled_from([0, 3, 65536]))
+def test_batch_equals_scalar_for_any_mix(kind: str, data: st.DataObject, chunk: int, cache_size: int) -> None:
+    tbl = TABLES[kind]
+    datagrams = data.draw(st.lists(datagram_kinds(cids_of(tbl, 1)), min_size=0, max_size=150))
+    clients = data.draw(
+        st.lists(
+            st.tuples(st.sampled_from(["198.51.100.7", "198.51.100.8", "2001:db8::9"]), st.integers(1, 65535)),
+            min_size=len(datagrams), max_size=len(datagrams),
+        )
+    )
+    check_batch_equals_scalar(tbl, datagrams, clients, chunk, cache_size)
+
+
+@pytest.mark.parametrize("kind", list(TABLES))
+def test_batch_equals_scalar_on_a_large_random_mix(kind: str) -> None:
+    tbl = TABLES[kind]
+    rng = random.Random(kind)
+    cids = cids_of(tbl, 2)
+    datagrams = []
+    for _ in range(20_000):
+        pick = rng.random()
+        if pick < 0.7:
+            datagrams.append(short_header(rng.choice(cids), payload_len=rng.randrange(0, 60)))
+        elif pick < 0.8:
+            datagrams.append(initial(0x00000001, rng.randbytes(rng.randrange(8, 21)), b"\x01" * 8))
+        elif pick < 0.85:
+            datagrams.append(long_header(0x00000001, rng.choice(cids), b"", first_byte=0xE0, pad_to=50))
+        else:
+            datagrams.append(rng.randbytes(rng.randrange(0, 50)))
+    clients = [(f"198.51.100.{rng.randrange(256)}", rng.randrange(1, 65536)) for _ in datagrams]
+    check_batch_equals_scalar(tbl, datagrams, clients, 64, 65536)
+
+
+def test_misses_of_a_batch_are_decoded_with_one_decoder_call_per_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Design §7: all misses of a batch in one decode_many per configuration (one AES call per pass).
+    tbl = make_multi_table(switch=False)
+    calls: list[int] = []
+    scalar_calls: list[bytes] = []
+    real = ConfigDecoder.decode_many
+
+    def counting(self: ConfigDecoder, cids: Sequence[bytes]) -> list[bytes | None]:
+        calls.append(len(cids))
+        return real(self, cids)
+
+    monkeypatch.setattr(ConfigDecoder, "decode_many", counting)
+    router = Router(tbl)
+    for dec in tbl.decoder.by_config_id:
+        if dec is not None:
+            inner = dec.decode
+            dec.decode = lambda c, inner=inner: scalar_calls.append(c) or inner(c)  # type: ignore[misc]
+    rng = random.Random(3)
+    cids = [encode_cid(cfg, server_id=sid(k, cfg), nonce=rng.randbytes(cfg.nonce_len))
+            for cfg in tbl.cid_configs for k in (1, 2, 6) for _ in range(10)]
+    rng.shuffle(cids)
+    buf, stride, lengths = slots([short_header(c) for c in cids[:64]])
+    decisions = router.route_batch(buf, stride, lengths, lambda i: ("198.51.100.7", 1000 + i))
+    assert len(decisions) == 64
+    assert len(calls) == len({c[0] >> 5 for c in cids[:64]}) == 3  # one per live configuration
+    assert sum(calls) == 64
+    assert scalar_calls == []
+    # Second pass: every routable DCID is now cached; only unknown server IDs are decoded again.
+    calls.clear()
+    router.route_batch(buf, stride, lengths, lambda i: ("198.51.100.7", 1000 + i))
+    unknown = sum(1 for c in cids[:64] if tbl.decoder.decode(c) not in tbl.backends)
+    assert sum(calls) == unknown
