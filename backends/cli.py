@@ -173,7 +173,7 @@ async def _serve(backend: BackendServer, metrics_addr: tuple[str, int] | None) -
                 loop.remove_signal_handler(sig)
         backend.close()
         if metrics is not None:
-            metrics.close()
+            await metrics.aclose()
         for _ in range(SHUTDOWN_TURNS):  # let queued CONNECTION_CLOSE datagrams leave
             await asyncio.sleep(0)
     return EXIT_OK

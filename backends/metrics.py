@@ -1,75 +1,90 @@
-"""A backend's ``/metrics`` (Prometheus text format 0.0.4) and ``/stats`` (JSON), on loopback.
+"""A backend's ``/metrics`` (Prometheus, through prometheus-client) and ``/stats`` (JSON), on loopback.
 
 Metric names follow the acceptance standard's backend counters, with the
 Prometheus ``_total`` suffix on counters: ``unknown_cid_packets_total``,
 ``encap_rejected_total{reason}``, ``connections_open``,
 ``issued_cids_total{config}``, ``datagrams_in_total``, ``datagrams_out_total``.
-Every sample carries ``server_id`` and ``service`` labels.
+Every sample carries ``server_id`` and ``service`` labels. They are a contract
+(``tests/control/exposition_families.json`` pins them).
 
-The HTTP server is a few lines of asyncio: one request per connection, GET only,
-bounded request size and read timeout, so it needs no thread and no framework.
+:class:`BackendCollector` reads the :class:`BackendStats` at scrape time, so
+the datapath keeps bumping plain ints. The HTTP side is aiohttp's low-level
+server (the stack the LB's admin API uses): GET only, one request per
+connection, bounded request head, and a connection that has not sent a whole
+request within :data:`REQUEST_TIMEOUT` is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
+
+from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import CollectorRegistry
 
 from backends.stats import BackendStats
 
 log = logging.getLogger("quiclb.backend.metrics")
 
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-#: Largest request head the metrics server reads.
+PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+#: Longest request line or header field the metrics server reads.
 MAX_REQUEST_BYTES = 8192
-#: Seconds a client may take to send its request.
+#: Most header fields in one request.
+MAX_HEADERS = 64
+#: Seconds a client may take to send its request (aiohttp closes an idle connection after it).
 REQUEST_TIMEOUT = 5.0
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class BackendCollector:
+    """A prometheus-client collector over one backend's counters, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], BackendStats], *, server_id: str, service: str) -> None:
+        self._stats = stats
+        self._base = {"server_id": server_id, "service": service}
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+
+        def family(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], int]]) -> Metric:
+            metric = Metric(name, help_text, kind)
+            sample_name = name + ("_total" if kind == "counter" else "")
+            for extra, value in samples:
+                metric.add_sample(sample_name, {**self._base, **extra}, value)
+            return metric
+
+        yield family("datagrams_in", "counter", "Datagrams received on the encapsulation socket.",
+                     [({}, stats.datagrams_in)])
+        yield family("datagrams_out", "counter", "Reply datagrams sent (via the LB or direct).",
+                     [({}, stats.datagrams_out)])
+        yield family("unknown_cid_packets", "counter",
+                     "Datagrams dropped because their DCID belongs to no live connection.",
+                     [({}, stats.unknown_cid_packets)])
+        yield family("encap_rejected", "counter", "Encapsulated datagrams rejected, by reason.",
+                     [({"reason": reason}, n) for reason, n in sorted(stats.encap_rejected.items())])
+        yield family("connections_open", "gauge", "QUIC connections currently open.", [({}, stats.connections_open)])
+        yield family("connections", "counter", "QUIC connections created.", [({}, stats.connections_total)])
+        yield family("issued_cids", "counter", "Connection IDs issued, by QUIC-LB config ID (7 = unroutable).",
+                     [({"config": config}, n) for config, n in sorted(stats.issued_cids.items())])
+        yield family("send_errors", "counter", "Replies that could not be sent.", [({}, stats.send_errors)])
+        yield family("config_reloads", "counter", "Configuration reloads applied.", [({}, stats.reloads)])
+        yield family("config_reload_failures", "counter", "Configuration reloads refused.",
+                     [({}, stats.reload_failures)])
 
 
-def _labels(pairs: Iterable[tuple[str, str]]) -> str:
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
-
-
-#: One sample: extra labels and the value.
-_Sample = tuple[tuple[tuple[str, str], ...], int]
+def backend_registry(stats: Callable[[], BackendStats], *, server_id: str, service: str) -> CollectorRegistry:
+    """A private registry (never the library's global one) holding one :class:`BackendCollector`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BackendCollector(stats, server_id=server_id, service=service))
+    return registry
 
 
 def render_prometheus(stats: BackendStats, *, server_id: str, service: str) -> str:
-    """The counters of one backend in Prometheus text format."""
-    base = (("server_id", server_id), ("service", service))
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_text: str, samples: Iterable[_Sample]) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for extra, value in samples:
-            lines.append(f"{name}{_labels((*base, *extra))} {value}")
-
-    family("datagrams_in_total", "counter", "Datagrams received on the encapsulation socket.",
-           [((), stats.datagrams_in)])
-    family("datagrams_out_total", "counter", "Reply datagrams sent (via the LB or direct).",
-           [((), stats.datagrams_out)])
-    family("unknown_cid_packets_total", "counter",
-           "Datagrams dropped because their DCID belongs to no live connection.",
-           [((), stats.unknown_cid_packets)])
-    family("encap_rejected_total", "counter", "Encapsulated datagrams rejected, by reason.",
-           [((("reason", reason),), count) for reason, count in sorted(stats.encap_rejected.items())])
-    family("connections_open", "gauge", "QUIC connections currently open.", [((), stats.connections_open)])
-    family("connections_total", "counter", "QUIC connections created.", [((), stats.connections_total)])
-    family("issued_cids_total", "counter", "Connection IDs issued, by QUIC-LB config ID (7 = unroutable).",
-           [((("config", config),), count) for config, count in sorted(stats.issued_cids.items())])
-    family("send_errors_total", "counter", "Replies that could not be sent.", [((), stats.send_errors)])
-    family("config_reloads_total", "counter", "Configuration reloads applied.", [((), stats.reloads)])
-    family("config_reload_failures_total", "counter", "Configuration reloads refused.",
-           [((), stats.reload_failures)])
-    return "\n".join(lines) + "\n"
+    """The counters of one backend in Prometheus text format 0.0.4."""
+    return generate_latest(backend_registry(lambda: stats, server_id=server_id, service=service)).decode("utf-8")
 
 
 class MetricsServer:
@@ -79,51 +94,50 @@ class MetricsServer:
         self._stats = stats
         self._server_id = server_id
         self._service = service
-        self._server: asyncio.Server | None = None
+        self._registry = backend_registry(stats, server_id=server_id, service=service)
+        self._http: web.Server | None = None
+        self._listener: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port)
-        sockname = self._server.sockets[0].getsockname()
+        self._http = web.Server(
+            self._handle,
+            access_log=None,
+            # Without a request the keep-alive timer is the only clock aiohttp runs: it closes
+            # a connection that has not delivered a whole request head in time.
+            keepalive_timeout=REQUEST_TIMEOUT,
+            max_line_size=MAX_REQUEST_BYTES,
+            max_field_size=MAX_REQUEST_BYTES,
+            max_headers=MAX_HEADERS,
+        )
+        listener = await asyncio.get_running_loop().create_server(self._http, host, port)
+        self._listener = listener
+        sockname = listener.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        """Stop listening; a request in flight finishes on its own (each connection serves one)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
 
-    def _body(self, path: str) -> tuple[str, str, bytes]:
-        stats = self._stats()
-        if path == "/metrics":
-            text = render_prometheus(stats, server_id=self._server_id, service=self._service)
-            return "200 OK", PROMETHEUS_CONTENT_TYPE, text.encode()
-        if path == "/stats":
-            doc = {"server_id": self._server_id, "service": self._service, **stats.snapshot()}
-            return "200 OK", "application/json", json.dumps(doc, sort_keys=True).encode()
-        return "404 Not Found", "text/plain; charset=utf-8", b"not found\n"
+    async def aclose(self) -> None:
+        """:meth:`close`, then end the connections still open."""
+        self.close()
+        if self._http is not None:
+            await self._http.shutdown(1.0)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-            if len(head) > MAX_REQUEST_BYTES:
-                raise ValueError("request too large")
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split(" ")
-            if len(parts) != 3:
-                raise ValueError("bad request line")
-            method, target = parts[0], parts[1]
-            if method != "GET":
-                status, ctype, body = "405 Method Not Allowed", "text/plain; charset=utf-8", b"GET only\n"
-            else:
-                status, ctype, body = self._body(target.split("?", 1)[0])
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode("latin-1") + body
-            )
-            await writer.drain()
-        except (TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError) as exc:
-            log.debug("metrics request failed: %s", exc)
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method != "GET":
+            response = web.Response(status=405, text="GET only\n", headers={"Allow": "GET"})
+        elif request.path == "/metrics":
+            encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+            response = web.Response(body=encoder(self._registry))
+            response.headers["Content-Type"] = content_type
+        elif request.path == "/stats":
+            doc = {"server_id": self._server_id, "service": self._service, **self._stats().snapshot()}
+            response = web.Response(text=json.dumps(doc, sort_keys=True), content_type="application/json")
+        else:
+            response = web.Response(status=404, text="not found\n")
+        response.force_close()  # one request per connection: nothing idles between scrapes
+        return response

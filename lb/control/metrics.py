@@ -1,36 +1,41 @@
-"""LbSnapshot -> Prometheus text exposition format 0.0.4 (acceptance.md §4).
+"""LbSnapshot -> Prometheus metrics, exposed through prometheus-client (acceptance.md §4).
 
-Written by hand: the format is a few lines of text per series, and a renderer
-over a frozen snapshot needs no registry, no global state and no locks.
+A custom collector (:class:`LbCollector`) reads a fresh :class:`LbSnapshot`
+at scrape time: nothing is added to the datapath, which keeps bumping its
+plain-int counters. The library writes both exposition formats (text 0.0.4,
+and OpenMetrics when the scraper's ``Accept`` asks for it: :func:`encode_metrics`).
 
 Rules:
 
 - every metric is declared once, in :data:`METRICS`, with its type and help;
-  rendering an undeclared name is a programming error (``KeyError``);
-- names are prefixed ``quiclb_``; counters get ``_total`` in the exposition
-  (the ``# TYPE`` line too, as prometheus_client writes 0.0.4);
+  adding a sample to an undeclared name is a programming error (``KeyError``);
+- names are prefixed ``quiclb_``; counters get ``_total`` on their samples;
 - every router :class:`~lb.core.router.Outcome` maps to exactly one counter
   family (:data:`OUTCOME_METRICS`), so for each service
   ``rx_client_datagrams = cid_routed + fallback_routed + every *_dropped``;
 - series that share a name and labels (several routers of one service) are summed;
-- label values are escaped (``\\``, ``"``, newline); nothing here ever sees
-  key material: the snapshot carries counters, names and digests only (S-3).
+- nothing here ever sees key material: the snapshot carries counters, names
+  and digests only (S-3).
+
+The family and label names are a contract (dashboards and alerts rely on
+them); ``tests/control/exposition_families.json`` pins them.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import CollectorRegistry
 
 from lb.control.snapshot import BackendView, LbSnapshot
 from lb.core.router import Outcome, RouterStats
 
-#: Content-Type of the 0.0.4 text format.
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Content-Type of the 0.0.4 text format (the default when the scraper sends no ``Accept``).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 PREFIX = "quiclb_"
 
 COUNTER = "counter"
@@ -106,87 +111,44 @@ OUTCOME_METRICS: dict[Outcome, str] = {
 #: Values of the ``state`` label of ``backend_state``.
 BACKEND_STATES = ("up", "down", "draining", "removed")
 
-_INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
-
 Labels = tuple[tuple[str, str], ...]
 
 
-@dataclass
-class _Family:
-    name: str  # exposition name: prefixed, with _total for counters
-    kind: str
-    help: str
-    samples: dict[Labels, float] = field(default_factory=dict)
+class _Families:
+    """Samples of one scrape, summed per (family, labels), in declaration order."""
 
-    def add(self, value: float, labels: Labels = ()) -> None:
-        self.samples[labels] = self.samples.get(labels, 0) + value
-
-
-class _Exposition:
     def __init__(self) -> None:
-        self._families: dict[str, _Family] = {}
-        for name, (kind, text) in METRICS.items():
-            self._families[name] = _Family(_exposed_name(name, kind), kind, text)
+        self._kinds: dict[str, tuple[str, str]] = dict(METRICS)
+        self._samples: dict[str, dict[Labels, float]] = {name: {} for name in METRICS}
 
     def add(self, name: str, value: float, **labels: str) -> None:
-        self._families[name].add(value, tuple(labels.items()))
+        series = self._samples[name]  # KeyError: undeclared metric
+        key = tuple(labels.items())
+        series[key] = series.get(key, 0) + value
 
-    def add_family(self, name: str, kind: str, text: str) -> str:
-        """Declare an ad-hoc family (adapter counters); returns its key for :meth:`add`."""
-        key = f"adapter_{_INVALID_NAME_CHARS.sub('_', name)}".removesuffix("_total")
-        if key not in self._families:
-            self._families[key] = _Family(_exposed_name(key, kind), kind, text)
+    def declare_adapter_counter(self, name: str) -> str:
+        """An ad-hoc counter family for an adapter counter (``snap.extra``); returns its key for :meth:`add`."""
+        key = "adapter_" + "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in name)
+        key = key.removesuffix("_total")
+        if key not in self._kinds:
+            self._kinds[key] = (COUNTER, f"Adapter counter {name!r}.")
+            self._samples[key] = {}
         return key
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for fam in self._families.values():
-            lines.append(f"# HELP {fam.name} {_escape_help(fam.help)}")
-            lines.append(f"# TYPE {fam.name} {fam.kind}")
-            for labels, value in fam.samples.items():
-                lines.append(f"{fam.name}{_format_labels(labels)} {_format_value(value)}")
-        return "\n".join(lines) + "\n"
+    def metrics(self) -> Iterator[Metric]:
+        for name, (kind, text) in self._kinds.items():
+            metric = Metric(PREFIX + name, text, kind)
+            sample_name = metric.name + ("_total" if kind == COUNTER else "")
+            for labels, value in self._samples[name].items():
+                metric.add_sample(sample_name, dict(labels), value)
+            yield metric
 
 
-def _exposed_name(name: str, kind: str) -> str:
-    return PREFIX + name + ("_total" if kind == COUNTER else "")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def escape_label_value(value: str) -> str:
-    """Escape a label value for the text format: backslash, double quote and newline."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _format_labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels) + "}"
-
-
-def _format_value(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(value)
-
-
-# -- sections -----------------------------------------------------------------
-
-
-def _render_router(exp: _Exposition, stats: RouterStats) -> None:
+def _add_router(fams: _Families, stats: RouterStats) -> None:
     svc = stats.service
-    exp.add("rx_client_datagrams", stats.rx_client_datagrams, service=svc)
+    fams.add("rx_client_datagrams", stats.rx_client_datagrams, service=svc)
     for (config_id, backend), n in sorted(stats.cid_routed.items()):
-        exp.add("cid_routed", n, service=svc, config=str(config_id), backend=backend)
+        fams.add("cid_routed", n, service=svc, config=str(config_id), backend=backend)
     for outcome in Outcome:
         name = OUTCOME_METRICS[outcome]
         count = stats.outcomes.get(outcome, 0)
@@ -194,16 +156,16 @@ def _render_router(exp: _Exposition, stats: RouterStats) -> None:
             continue  # per (config, backend) above
         if name == "malformed_dropped":
             for reason, n in sorted(stats.malformed.items()):
-                exp.add(name, n, service=svc, reason=reason)
+                fams.add(name, n, service=svc, reason=reason)
             continue
         fallback_reason = outcome.fallback_reason
         if fallback_reason is not None:
-            exp.add(name, count, service=svc, reason=fallback_reason)
+            fams.add(name, count, service=svc, reason=fallback_reason)
         else:
-            exp.add(name, count, service=svc)
-    exp.add("cipher_calls", stats.cipher_calls, service=svc)
-    exp.add("decode_cache_entries", stats.cache_entries, service=svc)
-    exp.add("decode_cache_evictions", stats.cache_evictions, service=svc)
+            fams.add(name, count, service=svc)
+    fams.add("cipher_calls", stats.cipher_calls, service=svc)
+    fams.add("decode_cache_entries", stats.cache_entries, service=svc)
+    fams.add("decode_cache_evictions", stats.cache_evictions, service=svc)
 
 
 def backend_state_label(view: BackendView) -> str:
@@ -213,22 +175,22 @@ def backend_state_label(view: BackendView) -> str:
     return "up" if view.healthy else "down"
 
 
-def _render_backend(exp: _Exposition, view: BackendView) -> None:
+def _add_backend(fams: _Families, view: BackendView) -> None:
     labels = {"service": view.service, "backend": view.server_id}
-    exp.add("tx_to_backend", view.tx_datagrams, **labels)
-    exp.add("backend_unreachable", view.unreachable, **labels)
+    fams.add("tx_to_backend", view.tx_datagrams, **labels)
+    fams.add("backend_unreachable", view.unreachable, **labels)
     current = backend_state_label(view)
     for state in BACKEND_STATES:
-        exp.add("backend_state", int(state == current), **labels, state=state)
-    exp.add("backend_healthy", int(view.healthy), **labels)
-    exp.add("backend_in_fallback", int(view.in_fallback), **labels)
-    exp.add("stale_config_alert", int(view.stale_config), **labels)
-    exp.add("stale_cid_replies", view.stale_cid_replies, **labels)
-    exp.add("backend_info", 1, **labels, address=view.address)
-    exp.add("health_probes", view.probes, **labels)
-    exp.add("health_probe_replies", view.probe_replies, **labels)
+        fams.add("backend_state", int(state == current), **labels, state=state)
+    fams.add("backend_healthy", int(view.healthy), **labels)
+    fams.add("backend_in_fallback", int(view.in_fallback), **labels)
+    fams.add("stale_config_alert", int(view.stale_config), **labels)
+    fams.add("stale_cid_replies", view.stale_cid_replies, **labels)
+    fams.add("backend_info", 1, **labels, address=view.address)
+    fams.add("health_probes", view.probes, **labels)
+    fams.add("health_probe_replies", view.probe_replies, **labels)
     if view.last_probe_rtt is not None:
-        exp.add("health_probe_rtt_seconds", view.last_probe_rtt, **labels)
+        fams.add("health_probe_rtt_seconds", view.last_probe_rtt, **labels)
 
 
 def read_process_stats(proc: Path = Path("/proc/self")) -> dict[str, int]:
@@ -247,56 +209,93 @@ def read_process_stats(proc: Path = Path("/proc/self")) -> dict[str, int]:
     return out
 
 
-def render_metrics(
-    snap: LbSnapshot,
-    *,
-    process: bool = True,
-    admin_auth_failures: int | None = None,
-) -> str:
-    """Render ``snap`` as Prometheus text 0.0.4 (:data:`CONTENT_TYPE`).
+def snapshot_metrics(
+    snap: LbSnapshot, *, process: bool = True, admin_auth_failures: int | None = None
+) -> Iterator[Metric]:
+    """Every family of ``snap``, as prometheus-client metric families.
 
     ``process`` adds RSS and open descriptors read from ``/proc/self`` (skipped
     where procfs is absent). ``admin_auth_failures`` comes from the admin
     server, which does not appear in the snapshot. ``snap.extra`` counters are
     exposed as ``quiclb_adapter_<name>_total``.
     """
-    exp = _Exposition()
+    fams = _Families()
     for stats in snap.routers:
-        _render_router(exp, stats)
+        _add_router(fams, stats)
 
     ret = snap.return_path
-    exp.add("rx_backend_datagrams", ret.rx_backend_datagrams)
-    exp.add("tx_to_client", ret.tx_to_client)
-    exp.add("tx_client_bytes", ret.tx_client_bytes)
+    fams.add("rx_backend_datagrams", ret.rx_backend_datagrams)
+    fams.add("tx_to_client", ret.tx_to_client)
+    fams.add("tx_client_bytes", ret.tx_client_bytes)
     for reason, n in sorted(ret.rejected.items()):
-        exp.add("return_rejected", n, reason=reason)
+        fams.add("return_rejected", n, reason=reason)
 
     for view in snap.backends:
-        _render_backend(exp, view)
+        _add_backend(fams, view)
     for svc in snap.services:
-        exp.add("service_linkable", int(svc.linkable), service=svc.name)
-        exp.add("service_fallback_backends", svc.fallback_backends, service=svc.name)
+        fams.add("service_linkable", int(svc.linkable), service=svc.name)
+        fams.add("service_fallback_backends", svc.fallback_backends, service=svc.name)
 
-    exp.add("fallback_table_builds", snap.fallback_table_builds)
-    exp.add("config_version", snap.config_version)
-    exp.add("config_info", 1, digest=snap.config_digest)
-    exp.add("config_reloads", snap.config_reloads)
-    exp.add("config_rejected", snap.config_rejected)
-    exp.add("config_last_reload_failed", int(snap.last_reload_error is not None))
+    fams.add("fallback_table_builds", snap.fallback_table_builds)
+    fams.add("config_version", snap.config_version)
+    fams.add("config_info", 1, digest=snap.config_digest)
+    fams.add("config_reloads", snap.config_reloads)
+    fams.add("config_rejected", snap.config_rejected)
+    fams.add("config_last_reload_failed", int(snap.last_reload_error is not None))
 
-    exp.add("process_start_time_seconds", snap.started_at)
+    fams.add("process_start_time_seconds", snap.started_at)
     if process:
         for name, value in read_process_stats().items():
-            exp.add(name, value)
+            fams.add(name, value)
     if admin_auth_failures is not None:
-        exp.add("admin_auth_failures", admin_auth_failures)
+        fams.add("admin_auth_failures", admin_auth_failures)
 
-    _render_extra(exp, snap.extra.items())
-    return exp.render()
+    _add_extra(fams, snap.extra.items())
+    return fams.metrics()
 
 
-def _render_extra(exp: _Exposition, items: Iterable[tuple[str, int]]) -> None:
+def _add_extra(fams: _Families, items: Iterable[tuple[str, int]]) -> None:
     for name, value in sorted(items):
-        key = exp.add_family(name, COUNTER, f"Adapter counter {name!r}.")
-        exp.add(key, value)
+        fams.add(fams.declare_adapter_counter(name), value)
 
+
+class LbCollector:
+    """A prometheus-client collector: one fresh snapshot per scrape, nothing cached between scrapes."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], LbSnapshot],
+        *,
+        process: bool = True,
+        admin_auth_failures: Callable[[], int] | None = None,
+    ) -> None:
+        self._snapshot = snapshot
+        self._process = process
+        self._admin_auth_failures = admin_auth_failures
+
+    def collect(self) -> Iterator[Metric]:
+        failures = self._admin_auth_failures() if self._admin_auth_failures is not None else None
+        return snapshot_metrics(self._snapshot(), process=self._process, admin_auth_failures=failures)
+
+
+def lb_registry(collector: LbCollector) -> CollectorRegistry:
+    """A private registry holding only ``collector`` (never the library's global one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def encode_metrics(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
+    """The exposition the scraper's ``Accept`` header asks for (OpenMetrics or text 0.0.4), with its Content-Type."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type
+
+
+def render_metrics(snap: LbSnapshot, *, process: bool = True, admin_auth_failures: int | None = None) -> str:
+    """``snap`` in the text format 0.0.4 (:data:`CONTENT_TYPE`)."""
+    failures: Callable[[], int] | None = None
+    if admin_auth_failures is not None:
+        count = admin_auth_failures
+        failures = lambda: count  # noqa: E731 - a constant for one render
+    collector = LbCollector(lambda: snap, process=process, admin_auth_failures=failures)
+    return generate_latest(lb_registry(collector)).decode("utf-8")

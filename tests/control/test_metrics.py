@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb import CidConfig, encode_cid, unroutable_cid
@@ -16,16 +18,18 @@ from lb.control.metrics import (
     COUNTER,
     METRICS,
     OUTCOME_METRICS,
-    escape_label_value,
+    LbCollector,
+    encode_metrics,
+    lb_registry,
     read_process_stats,
     render_metrics,
 )
 from lb.control.snapshot import BackendView, LbSnapshot, ServiceView
-from lb.core.quic_header import QUIC_V1
+from lb.core.quic_constants import GREASE_VERSION, QUIC_V1
 from lb.core.return_path import ReturnStats
 from lb.core.router import Outcome, Router, RouterStats
 from lb.core.service_table import Backend, build_service_table
-from quiclb_harness.datagrams import GREASE_VERSION, initial, long_header, short_header, version_negotiation
+from quiclb_harness.datagrams import initial, long_header, short_header, version_negotiation
 
 KEY = bytes.fromhex("fdf726a9893ec05c0632d3956680baf0")
 FALLBACK_KEY = bytes.fromhex("0123456789abcdef0123456789abcdef")
@@ -329,7 +333,6 @@ def test_duplicate_routers_of_one_service_are_summed(stats: tuple[RouterStats, .
 
 def test_label_values_are_escaped(stats: tuple[RouterStats, ...]) -> None:
     weird = 'a"b\\c\nd'
-    assert escape_label_value(weird) == 'a\\"b\\\\c\\nd'
     snap = _snapshot(
         stats,
         services=(ServiceView(weird, "127.0.0.1:1", (0,), linkable=True, fallback_backends=0),),
@@ -356,3 +359,56 @@ def test_no_key_material(stats: tuple[RouterStats, ...]) -> None:
 
 def test_content_type() -> None:
     assert CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
+
+
+# -- prometheus-client exposition -----------------------------------------------------------
+
+#: Family names, types and label names captured from the hand-written exposition this module
+#: replaced: dashboards and alerts rely on them, so they may grow but never change.
+FAMILIES_FILE = Path(__file__).with_name("exposition_families.json")
+
+
+def family_shapes(families: object) -> dict[str, dict[str, object]]:
+    """``{family: {"type": ..., "labels": [sorted label names]}}`` of parsed families."""
+    shapes: dict[str, dict[str, object]] = {}
+    for family in families:  # type: ignore[attr-defined]
+        labels: set[str] = set()
+        for sample in family.samples:
+            labels |= set(sample.labels)
+        shapes[family.name] = {"type": family.type, "labels": sorted(labels)}
+    return shapes
+
+
+def test_families_and_labels_are_those_of_the_hand_written_exposition(stats: tuple[RouterStats, ...]) -> None:
+    before = json.loads(FAMILIES_FILE.read_text())["lb"]
+    after = family_shapes(text_string_to_metric_families(render_metrics(_snapshot(stats), admin_auth_failures=4)))
+    assert after == before
+
+
+def test_openmetrics_by_content_negotiation(stats: tuple[RouterStats, ...]) -> None:
+    registry = lb_registry(LbCollector(lambda: _snapshot(stats), admin_auth_failures=lambda: 4))
+    plain, plain_type = encode_metrics(registry, None)
+    assert plain_type == CONTENT_TYPE
+    om, om_type = encode_metrics(registry, "application/openmetrics-text; version=1.0.0,text/plain;q=0.5")
+    assert om_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert om.endswith(b"# EOF\n")
+    text_families = family_shapes(text_string_to_metric_families(plain.decode()))
+    om_families = family_shapes(parse_openmetrics(om.decode()))
+    assert om_families == text_families
+    assert encode_metrics(registry, "text/html")[1] == CONTENT_TYPE  # anything else: the classic format
+
+
+def test_the_collector_reads_a_fresh_snapshot_per_scrape(stats: tuple[RouterStats, ...]) -> None:
+    versions = iter(range(1, 100))
+    calls: list[int] = []
+
+    def snapshot() -> LbSnapshot:
+        calls.append(1)
+        return _snapshot(stats, config_version=next(versions))
+
+    registry = lb_registry(LbCollector(snapshot, process=False))
+    assert calls == []  # registering takes no snapshot: nothing runs until a scrape
+    for expected in (1, 2):
+        series = _parse(encode_metrics(registry, None)[0].decode())
+        assert _value(series, "quiclb_config_version") == expected
+    assert len(calls) == 2
