@@ -25,8 +25,20 @@ Address = tuple[str, int]
 DEFAULT_MAGLEV_SIZE = 65537
 #: M must be at least this many times the backend count for good balance (Maglev §3.4).
 MAGLEV_SLOTS_PER_BACKEND = 100
-#: Upper bound on M, so a typo cannot make every reload build a huge table.
-MAX_MAGLEV_SIZE = 1 << 24
+#: Smallest M: the first prime >= 100 slots for one backend.
+MIN_MAGLEV_SIZE = 101
+#: Upper bound on M (the largest prime below 2**18): the pure-Python build of
+#: lb/core/maglev.py takes ~0.15-0.2 s at this size with 10-2621 backends on the
+#: 2-core reference machine (65537: ~30 ms; 1048573: ~0.5-0.65 s), and a table is
+#: rebuilt on every health change and reload. It still allows 2621 backends per service.
+MAX_MAGLEV_SIZE = 262139
+#: Health probe schedule bounds, seconds (interval, timeout) and probes (threshold): below
+#: the interval's floor the prober burns a core; above it a dead backend goes unnoticed for
+#: an hour (3600 s is how benchmarks switch probing practically off). A timeout above the
+#: interval would silently stretch the interval (one probe is outstanding per backend).
+HEALTH_INTERVAL_RANGE = (0.05, 3600.0)
+HEALTH_TIMEOUT_RANGE = (0.01, 60.0)
+HEALTH_THRESHOLD_RANGE = (1, 100)
 #: QUIC versions aioquic 1.7.2 backends speak: v1 (RFC 9000) and v2 (RFC 9369).
 DEFAULT_SUPPORTED_VERSIONS: tuple[int, ...] = (0x00000001, 0x6B3343CF)
 MAX_CID_CONFIGS = 7
@@ -122,7 +134,7 @@ class LbSection:
     health_timeout: float = 0.5
     """Extension: seconds to wait for a probe reply."""
     health_threshold: int = 3
-    """Extension: consecutive probe results needed to change a backend's health."""
+    """Extension: consecutive missed probes that mark a backend down; one answer marks it up again."""
     supported_versions: tuple[int, ...] = DEFAULT_SUPPORTED_VERSIONS
     """Extension: QUIC versions the backends speak; others are cheap-rejected (design.md §3)."""
     lb_sources: tuple[Address, ...] = ()

@@ -22,9 +22,13 @@ from lb.control.config_model import (
     _SERVICE_NAME,
     DEFAULT_MAGLEV_SIZE,
     DEFAULT_SUPPORTED_VERSIONS,
+    HEALTH_INTERVAL_RANGE,
+    HEALTH_THRESHOLD_RANGE,
+    HEALTH_TIMEOUT_RANGE,
     MAGLEV_SLOTS_PER_BACKEND,
     MAX_CID_CONFIGS,
     MAX_MAGLEV_SIZE,
+    MIN_MAGLEV_SIZE,
     Address,
     BackendConfig,
     BackendState,
@@ -306,27 +310,41 @@ class Parser:
         maglev_size = self.typed(t, "maglev_size", where, int, "an integer")
         if maglev_size is None:
             maglev_size = DEFAULT_MAGLEV_SIZE
-        elif not 2 <= maglev_size <= MAX_MAGLEV_SIZE or not is_prime(maglev_size):
+        elif not MIN_MAGLEV_SIZE <= maglev_size <= MAX_MAGLEV_SIZE or not is_prime(maglev_size):
             self.fail(
                 "lb.maglev_size",
-                f"must be a prime number <= {MAX_MAGLEV_SIZE} (e.g. 65537), got {maglev_size}",
+                f"must be a prime number {MIN_MAGLEV_SIZE}..{MAX_MAGLEV_SIZE} (e.g. 65537), got {maglev_size}; "
+                "the table builds in pure Python on every health change and reload, and larger tables "
+                "take over 0.2 s",
             )
 
-        def positive_seconds(key: str, default: float) -> float:
+        def seconds(key: str, default: float, bounds: tuple[float, float]) -> float:
             value = self.typed(t, key, where, float, "a number of seconds")
             if value is None:
                 return default
-            if not math.isfinite(value) or value <= 0:
-                self.fail(f"lb.{key}", f"must be a finite number of seconds > 0, got {value}")
+            low, high = bounds
+            if not (math.isfinite(value) and low <= value <= high):
+                self.fail(f"lb.{key}", f"must be {low:g}..{high:g} seconds, got {value:g}")
             return value
 
-        health_interval = positive_seconds("health_interval", 0.5)
-        health_timeout = positive_seconds("health_timeout", 0.5)
+        health_interval = seconds("health_interval", 0.5, HEALTH_INTERVAL_RANGE)
+        health_timeout = seconds("health_timeout", min(0.5, health_interval), HEALTH_TIMEOUT_RANGE)
+        if health_timeout > health_interval:
+            self.fail(
+                "lb.health_timeout",
+                f"must not exceed lb.health_interval ({health_interval:g}), got {health_timeout:g}: one probe "
+                "per backend is outstanding at a time, so a longer timeout would stretch the interval",
+            )
         health_threshold = self.typed(t, "health_threshold", where, int, "an integer")
+        low, high = HEALTH_THRESHOLD_RANGE
         if health_threshold is None:
             health_threshold = 3
-        elif health_threshold < 1:
-            self.fail("lb.health_threshold", f"must be at least 1, got {health_threshold}")
+        elif not low <= health_threshold <= high:
+            self.fail(
+                "lb.health_threshold",
+                f"must be {low}..{high}, got {health_threshold} (consecutive missed probes before a backend "
+                "is marked down)",
+            )
 
         supported_versions = self.parse_versions(t)
         lb_sources = self.parse_lb_sources(t, inside)

@@ -170,7 +170,9 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
     ("config-id-str", _set(_cfg, "config_id", "0"), f"{C0}.config_id", "must be an integer"),
     ("maglev-not-prime", _set(_lb, "maglev_size", 65536), "lb.maglev_size", "prime"),
     ("maglev-too-small", _set(_lb, "maglev_size", 293), "lb.maglev_size", "at least 100 x"),
-    ("maglev-too-big", _set(_lb, "maglev_size", 16777259), "lb.maglev_size", "<= 16777216"),
+    ("maglev-too-big", _set(_lb, "maglev_size", 16777259), "lb.maglev_size", "101..262139"),
+    # Issue 12 item 5: a prime over the bound is refused with the reason (build time), not just the number.
+    ("maglev-over-bound", _set(_lb, "maglev_size", 1048573), "lb.maglev_size", "builds in pure Python"),
     ("maglev-float", _set(_lb, "maglev_size", 65537.0), "lb.maglev_size", "must be an integer"),
     (
         "dup-server-id",
@@ -292,12 +294,24 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
     ("admin-any-v6", _set(_lb, "admin", "[::]:9100"), "lb.admin", "not a loopback"),
     ("admin-token-loose", _set(_lb, "admin_token_file", "loose.token"), "lb.admin_token_file", "chmod 600"),
     ("admin-token-missing", _set(_lb, "admin_token_file", "nope.token"), "lb.admin_token_file", "cannot open"),
-    ("health-interval-0", _set(_lb, "health_interval", 0), "lb.health_interval", "> 0"),
-    ("health-timeout-neg", _set(_lb, "health_timeout", -0.5), "lb.health_timeout", "> 0"),
-    ("health-interval-inf", _set(_lb, "health_interval", float("inf")), "lb.health_interval", "finite"),
-    ("health-interval-nan", _set(_lb, "health_interval", float("nan")), "lb.health_interval", "finite"),
+    ("health-interval-0", _set(_lb, "health_interval", 0), "lb.health_interval", "must be 0.05..3600 seconds"),
+    ("health-timeout-neg", _set(_lb, "health_timeout", -0.5), "lb.health_timeout", "must be 0.01..60 seconds"),
+    # Issue 12 item 10: absurd but positive values are refused, naming the range.
+    ("health-interval-tiny", _set(_lb, "health_interval", 1e-300), "lb.health_interval",
+     "must be 0.05..3600 seconds, got 1e-300"),
+    ("health-interval-huge", _set(_lb, "health_interval", 86400), "lb.health_interval", "0.05..3600"),
+    ("health-timeout-huge", _set(_lb, "health_timeout", 1e308), "lb.health_timeout",
+     "must be 0.01..60 seconds, got 1e+308"),
+    ("health-timeout-over-interval", lambda d: _lb(d).update(health_interval=0.5, health_timeout=2),
+     "lb.health_timeout", "must not exceed lb.health_interval (0.5)"),
+    ("health-threshold-huge", _set(_lb, "health_threshold", 10**18), "lb.health_threshold",
+     "must be 1..100, got 1000000000000000000"),
+    ("health-interval-inf", _set(_lb, "health_interval", float("inf")), "lb.health_interval",
+     "0.05..3600 seconds, got inf"),
+    ("health-interval-nan", _set(_lb, "health_interval", float("nan")), "lb.health_interval",
+     "0.05..3600 seconds, got nan"),
     ("health-interval-str", _set(_lb, "health_interval", "1s"), "lb.health_interval", "number of seconds"),
-    ("health-threshold-0", _set(_lb, "health_threshold", 0), "lb.health_threshold", "at least 1"),
+    ("health-threshold-0", _set(_lb, "health_threshold", 0), "lb.health_threshold", "must be 1..100"),
     ("health-threshold-bool", _set(_lb, "health_threshold", True), "lb.health_threshold", "integer"),
     ("versions-empty", _set(_lb, "supported_versions", []), "lb.supported_versions", "at least one"),
     ("versions-zero", _set(_lb, "supported_versions", [1, 0]), "lb.supported_versions[1]", "Version Negotiation"),
@@ -644,3 +658,17 @@ def test_mutated_documents_raise_only_config_error(env: Env, data: st.DataObject
         env.parse(doc)
     except ConfigError as exc:
         assert str(exc).startswith(f"{env.path}: ")
+
+
+def test_largest_allowed_maglev_table_builds_well_under_a_second() -> None:
+    """Issue 12 item 5: the bound on maglev_size is what the pure-Python build can do quickly."""
+    import time  # noqa: PLC0415
+
+    from lb.control.config import MAX_MAGLEV_SIZE  # noqa: PLC0415
+    from lb.core.maglev import build_maglev_table  # noqa: PLC0415
+
+    size = next(n for n in range(MAX_MAGLEV_SIZE, 1, -1) if is_prime(n))
+    names = [i.to_bytes(2, "big") for i in range(1, 101)]
+    started = time.process_time()  # CPU time: other processes on the CI machine do not count
+    build_maglev_table(names, b"k" * 32, size)
+    assert time.process_time() - started < 1.0
