@@ -35,7 +35,8 @@ from typing import Any
 from backends.metrics import MetricsServer
 from backends.server import BackendServer
 from backends.settings import BackendSettings, settings_from_config
-from lb.control.config import format_address, load_config, parse_address
+from lb.control.config import load_config, parse_address
+from lb.core.addresses import format_address
 from lb.errors import ConfigError
 
 uvloop: ModuleType | None

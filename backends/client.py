@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -52,8 +51,8 @@ from aioquic.quic.logger import QuicLogger, QuicLoggerTrace
 
 from backends.apps import ECHO_ALPN
 from backends.routable_cids import current_peer_cid, peer_cids
+from lb.core.addresses import Address, ip_version
 
-Address = tuple[str, int]
 #: Default seconds for the handshake and for each request.
 DEFAULT_TIMEOUT = 5.0
 
@@ -260,7 +259,7 @@ class _ClientProtocol(QuicConnectionProtocol):
 
 
 def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    return socket.AF_INET6 if ip_version(host) == 6 else socket.AF_INET
 
 
 class EchoClient:

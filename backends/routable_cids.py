@@ -44,6 +44,10 @@ from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import pull_quic_transport_parameters, push_quic_transport_parameters
 
+from lb.core.quic_constants import FIXED_BIT, HEADER_FORM_LONG
+from lb.core.quic_header import dcid_of_untrusted, parse_routing_fields_untrusted
+from lb.errors import MalformedDatagram
+
 #: How often a freshly generated CID may collide with a live one before we give up.
 MAX_CID_ATTEMPTS = 8
 
@@ -195,36 +199,35 @@ def active_path_address(conn: QuicConnection) -> NetworkAddress | None:
     return paths[0].addr if paths else None
 
 
-#: QUIC version 2 (RFC 9369), whose long-header packet types are renumbered.
-QUIC_V2 = 0x6B3343CF
-
-
 def is_unknown_cid(
     datagram: bytes, cid_len: int, supported_versions: frozenset[int], server: QuicServer
 ) -> bool:
     """Whether ``server`` drops ``datagram`` because its DCID belongs to no live connection.
 
     Counted: a short header whose DCID, sliced at ``cid_len`` (the one length
-    aioquic parses short headers with), is not a live CID; a long header of a
-    supported version that is not an Initial (only Initials may open a
-    connection) with an unknown DCID. Not counted: unsupported versions (they get
-    Version Negotiation), Initials, and headers with the fixed bit clear.
-    Coalesced packets share the first packet's DCID, so only that one is read.
+    aioquic parses short headers with), is not a live CID, or which is too short
+    to hold one; a long header of a supported version that is not an Initial
+    (only Initials may open a connection) with an unknown DCID. Not counted:
+    unsupported versions (they get Version Negotiation), Initials, headers with
+    the fixed bit clear and unparsable long headers (aioquic drops those for
+    their form, not their CID). Coalesced packets share the first packet's DCID,
+    so only that one is read. The header rules are the LB's own
+    (:mod:`lb.core.quic_header`), so both sides read a datagram the same way.
     """
     if not datagram:
         return False
-    first = datagram[0]
-    if not first & 0x80:  # short header (RFC 9000 §17.3)
-        if not first & 0x40:
+    if datagram[0] & HEADER_FORM_LONG:
+        try:
+            fields = parse_routing_fields_untrusted(datagram, supported_versions)
+        except MalformedDatagram:
             return False
-        return datagram[1 : 1 + cid_len] not in server._protocols
-    if len(datagram) < 6:
+        if fields.version not in supported_versions or fields.is_initial:
+            return False
+        return fields.dcid not in server._protocols
+    if not datagram[0] & FIXED_BIT:
         return False
-    version = int.from_bytes(datagram[1:5], "big")
-    if version not in supported_versions:
-        return False
-    initial_type = 0b01 if version == QUIC_V2 else 0b00  # RFC 9369 §3.2 vs RFC 9000 §17.2
-    if (first >> 4) & 0x3 == initial_type:
-        return False
-    dcid_len = datagram[5]
-    return datagram[6 : 6 + dcid_len] not in server._protocols
+    try:
+        dcid = dcid_of_untrusted(datagram, cid_len)
+    except MalformedDatagram:
+        return True  # shorter than aioquic's one short-header CID length: it cannot belong to a connection
+    return dcid not in server._protocols

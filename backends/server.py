@@ -39,9 +39,10 @@ from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEv
 from backends.apps import BACKEND_ALPNS, Application, BackendIdentity, application_for
 from backends.dsr import DirectReturnSender
 from backends.routable_cids import install_routable_cids, is_live_cid, is_unknown_cid, unique_cid_source
-from backends.settings import RETURN_DIRECT, Address, BackendSettings, canonical_ip, source_matcher
+from backends.settings import RETURN_DIRECT, Address, BackendSettings, source_matcher
 from backends.stats import BackendStats
 from backends.tls import TlsIdentity, identity_for
+from lb.core.addresses import canonical_host
 from lb.core.cid_issuer import CidIssuer
 from lb.core.encapsulation import ProxyHeaderEncoder, decapsulate_untrusted
 from lb.errors import ConfigError, MalformedDatagram
@@ -203,7 +204,7 @@ class BackendServer:
             sock.close()
             raise
         bound = sock.getsockname()
-        self.address = (canonical_ip(bound[0]), bound[1])
+        self.address = (canonical_host(bound[0]), bound[1])
         transport, _ = await loop.create_datagram_endpoint(lambda: DecapEndpoint(self), sock=sock)
         self._transport = transport
         self._quic_server.connection_made(ReplyShim(self))
@@ -293,7 +294,7 @@ class BackendServer:
         if (host, port) in self._exact_sources or host in self._any_port_sources:
             return True
         try:  # IPv4-mapped IPv6 or a scoped address
-            ip = canonical_ip(host)
+            ip = canonical_host(host)
         except ValueError:
             return False
         return (ip, port) in self._exact_sources or ip in self._any_port_sources

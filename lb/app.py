@@ -26,12 +26,13 @@ from lb.adapters.udp_socket import bind_udp
 from lb.control.config import BackendState, LbConfig, load_config
 from lb.control.snapshot import BackendView, LbSnapshot, ReloadResult, ServiceView
 from lb.control.table_builder import TableBuilder
+from lb.core.addresses import Address, normalize_address
 from lb.core.encapsulation import ProxyHeaderEncoder
 from lb.core.health import NONCE_LEN, HealthTracker, build_probe, probe_reply_nonce_untrusted
 from lb.core.quic_header import parse_routing_fields_untrusted
 from lb.core.return_path import ReturnOutcome, ReturnPath
 from lb.core.router import Router
-from lb.core.service_table import Address, Backend, normalize_address
+from lb.core.service_table import Backend
 from lb.errors import ConfigError, LbError, MalformedDatagram
 
 if TYPE_CHECKING:

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from lb.control.config import LbConfig, format_address, load_config
+from lb.control.config import LbConfig, load_config
 from lb.control.keys import generate_key, read_key_file, write_key_file
+from lb.core.addresses import format_address
 from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import decode_cid
 from lb.core.cid_encoder import encode_cid

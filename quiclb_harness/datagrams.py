@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from lb.core.quic_header import MIN_INITIAL_DATAGRAM, QUIC_V1, QUIC_V2
+from lb.core.quic_constants import GREASE_VERSION, INITIAL_TYPE_BITS, MAX_CID_LEN_INVARIANT, MIN_INITIAL_DATAGRAM
 
 __all__ = [
-    "GREASE_VERSION",
     "initial",
     "long_header",
     "short_header",
@@ -22,20 +21,14 @@ __all__ = [
     "vn_probe",
 ]
 
-#: A reserved version of the form 0x?a?a?a?a (RFC 9000 §15); servers answer it with VN.
-GREASE_VERSION = 0x1A2A3A4A
-
-_MAX_CID_INVARIANT = 255
 _MAX_VARINT2 = 0x3FFF  # largest value of a 2-byte variable-length integer (RFC 9000 §16)
 
-# Wire type bits of an Initial: 0b00 in v1 (RFC 9000 §17.2.2), 0b01 in v2
-# (RFC 9369 §3.2). Other versions are built with the v1 layout, as aioquic
-# parses them for Version Negotiation.
-_INITIAL_TYPE_BITS = {QUIC_V1: 0b00, QUIC_V2: 0b01}
+# Initial's wire type bits come from INITIAL_TYPE_BITS (v1 0b00, v2 0b01). Other
+# versions are built with the v1 layout, as aioquic parses them for Version Negotiation.
 
 
 def _check_cid(name: str, cid: bytes) -> None:
-    if len(cid) > _MAX_CID_INVARIANT:
+    if len(cid) > MAX_CID_LEN_INVARIANT:
         raise ValueError(f"{name} of {len(cid)} bytes does not fit a one-byte length")
 
 
@@ -77,7 +70,7 @@ def long_header(
     head += dcid
     head.append(len(scid))
     head += scid
-    is_initial_layout = packet_type == _INITIAL_TYPE_BITS.get(version, 0)
+    is_initial_layout = packet_type == INITIAL_TYPE_BITS.get(version, 0)
     if is_initial_layout:
         token = token or b""
         head += _varint(len(token))
@@ -105,7 +98,7 @@ def initial(
 ) -> bytes:
     """A client Initial for ``version`` (v1 or v2 type bits), padded to ``pad_to`` bytes."""
     return long_header(
-        version, dcid, scid, packet_type=_INITIAL_TYPE_BITS.get(version, 0), pad_to=pad_to, token=token
+        version, dcid, scid, packet_type=INITIAL_TYPE_BITS.get(version, 0), pad_to=pad_to, token=token
     )
 
 

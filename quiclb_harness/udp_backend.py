@@ -12,7 +12,8 @@ import threading
 from dataclasses import dataclass
 
 from lb.core.encapsulation import decapsulate_untrusted, encode_proxy_header
-from lb.core.quic_header import is_reserved_version, parse_routing_fields_untrusted
+from lb.core.quic_constants import is_reserved_version
+from lb.core.quic_header import parse_routing_fields_untrusted
 from lb.errors import MalformedDatagram
 from quiclb_harness.datagrams import version_negotiation
 

@@ -11,8 +11,9 @@ import asyncio
 from collections.abc import Callable
 from typing import cast
 
+from lb.core.addresses import Address
 from lb.core.router import Router
-from lb.core.service_table import Address, Backend
+from lb.core.service_table import Backend
 
 ForwardFn = Callable[[bytes, Address, Backend], None]
 DatagramFn = Callable[[bytes, Address], None]

@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from lb.core.service_table import Address
+from lb.core.addresses import Address
 
 #: Datagrams per recvmmsg/sendmmsg call.
 BATCH = 64

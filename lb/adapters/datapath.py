@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from lb.core.addresses import Address
 from lb.core.return_path import ReturnPath
 from lb.core.router import Router
-from lb.core.service_table import Address
 
 DatagramHandler = Callable[[bytes, Address], None]
 

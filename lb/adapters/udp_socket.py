@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
+
+from lb.core.addresses import ip_version
 
 #: Generous kernel buffers absorb bursts while the event loop is busy.
 DEFAULT_BUFFER_BYTES = 4 * 1024 * 1024
@@ -20,7 +21,7 @@ def bind_udp(
     makes the same decision for any datagram.
     """
     host, port = address
-    family = socket.AF_INET6 if isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address) else socket.AF_INET
+    family = socket.AF_INET6 if ip_version(host) == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if reuse_port:

@@ -40,12 +40,12 @@ from lb.control.config_model import (
     ServiceConfig,
     UnroutableShortHeader,
     derive_fallback_key,
-    format_address,
-    is_prime,
     parse_address,
 )
 from lb.control.config_parser import Parser
 from lb.control.files import MAX_CONFIG_BYTES, read_regular_file
+from lb.core.addresses import format_address
+from lb.core.maglev import is_prime
 from lb.errors import ConfigError, LbError
 
 __all__ = [

@@ -39,12 +39,12 @@ from lb.control.config_model import (
     UnroutableShortHeader,
     _type_name,
     derive_fallback_key,
-    format_address,
-    is_prime,
     parse_address,
 )
 from lb.control.keys import read_key_file, read_token_file
+from lb.core.addresses import format_address
 from lb.core.cid_config import UNROUTABLE_CONFIG_ID, CidConfig
+from lb.core.maglev import is_prime
 from lb.errors import ConfigError
 
 # --------------------------------------------------------------------------- validation

@@ -110,17 +110,39 @@ def feistel_encrypt(encrypt: Callable[[bytes], bytes], params: FeistelParams, pl
     return params.join(left, right)
 
 
-def feistel_decrypt(encrypt: Callable[[bytes], bytes], params: FeistelParams, block: bytes) -> tuple[int, int]:
-    """Undo the passes in the order 4, 3, 2, 1 (-21 §5.5.2, errata E4 and T5): ``(left_0, right_0)``.
+def feistel_cid_decryptor(
+    encrypt: Callable[[bytes], bytes], params: FeistelParams, prefix_len: int
+) -> Callable[[bytes], bytes]:
+    """A function: CID -> the first ``prefix_len`` bytes of its decrypted block (-21 §5.5.2).
 
-    The full decode (server ID and nonce). The LB's server-ID-only path, with the
-    3-pass shortcut (trap T11), is unrolled in ``cid_decoder.ConfigDecoder``.
+    The block is ``cid[1 : 1 + n]`` (the first octet is not encrypted). The passes
+    are undone in the order 4, 3, 2, 1 (errata E4 and T5), clearing after each;
+    pass 1 is skipped when the prefix lies wholly in left_0 (trap T11: a server
+    ID no longer than the nonce costs three AES calls). ``prefix_len = n`` gives
+    the full plaintext (server ID and nonce); the LB asks for the server ID only.
+
+    This is the one scalar four-pass decryption. It is unrolled into a closure over
+    local constants because on the LB it runs per decode-cache miss, where method
+    calls and attribute lookups would cost as much as the AES calls themselves;
+    the batch form (``cid_decoder``) must agree with it (property tests).
     """
+    n, h = params.n, params.half_len
     lm, rm = params.left_mask, params.right_mask
-    f = params.round_value
-    left, right = params.split(block)  # split clears the nibbles here too (trap T4)
-    left = (left ^ f(encrypt, 4, right)) & lm
-    right = (right ^ f(encrypt, 3, left)) & rm
-    left = (left ^ f(encrypt, 2, right)) & lm
-    right = (right ^ f(encrypt, 1, left)) & rm
-    return left, right
+    s1, s2, s3, s4 = params.suffixes[1:5]
+    from_bytes = int.from_bytes
+    join = params.join
+    three_passes = 2 * prefix_len <= n
+
+    def decrypt_prefix(cid: bytes) -> bytes:
+        # split() inline: the halves' nibbles are cleared here too (trap T4).
+        left = from_bytes(cid[1 : 1 + h], "big") & lm
+        right = from_bytes(cid[1 + n - h : 1 + n], "big") & rm
+        left = (left ^ from_bytes(encrypt(right.to_bytes(h, "big") + s4)[:h], "big")) & lm
+        right = (right ^ from_bytes(encrypt(left.to_bytes(h, "big") + s3)[:h], "big")) & rm
+        left = (left ^ from_bytes(encrypt(right.to_bytes(h, "big") + s2)[:h], "big")) & lm
+        if three_passes:
+            return left.to_bytes(h, "big")[:prefix_len]
+        right = (right ^ from_bytes(encrypt(left.to_bytes(h, "big") + s1)[:h], "big")) & rm
+        return join(left, right)[:prefix_len]
+
+    return decrypt_prefix

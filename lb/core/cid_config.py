@@ -12,8 +12,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Longest connection ID QUIC v1 allows (RFC 9000 §17.2).
-MAX_CID_LEN_V1 = 20
+from lb.core.quic_constants import MAX_CID_LEN_V1
+
 #: Config rotation codepoint that no configuration may use (-21 §3.2).
 UNROUTABLE_CONFIG_ID = 7
 MAX_CONFIG_ID = 6

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 
-from lb.core.cid_cipher import AES_BLOCK_LEN, FeistelParams, aes_ecb, feistel_decrypt, feistel_params
+from lb.core.cid_cipher import AES_BLOCK_LEN, FeistelParams, aes_ecb, feistel_cid_decryptor, feistel_params
 from lb.core.cid_config import UNROUTABLE_CONFIG_ID, CidConfig, CidMode
 
 ConfigSet = CidConfig | Sequence[CidConfig] | Mapping[int, CidConfig]
@@ -62,9 +62,7 @@ def decode_cid(configs: ConfigSet, cid: bytes) -> tuple[bytes, bytes] | None:
         plain = aes_ecb(cfg.key).decrypt(block)
     else:
         assert cfg.key is not None
-        params = feistel_params(n)
-        left, right = feistel_decrypt(aes_ecb(cfg.key).encrypt, params, block)
-        plain = params.join(left, right)
+        plain = feistel_cid_decryptor(aes_ecb(cfg.key).encrypt, feistel_params(n), n)(cid)
     return plain[:sid_len], plain[sid_len:]
 
 
@@ -113,30 +111,7 @@ class ConfigDecoder:
         if self.mode is CidMode.SINGLE_PASS:
             decrypt = aes.decrypt
             return lambda cid: decrypt(cid[1:17])[:sid_len]
-        encrypt = aes.encrypt
-        params = feistel_params(n)
-        half_len = params.half_len
-
-        # The same passes as cid_cipher.feistel_decrypt, unrolled into one closure over
-        # local constants: on the LB this runs per cache miss, and method calls and
-        # attribute lookups cost as much as the AES calls themselves.
-        h, lm, rm = half_len, params.left_mask, params.right_mask
-        s1, s2, s3, s4 = params.suffixes[1:5]
-        from_bytes = int.from_bytes
-        three_passes = 2 * sid_len <= n
-
-        def four_pass(cid: bytes) -> bytes:
-            left = from_bytes(cid[1 : 1 + h], "big") & lm
-            right = from_bytes(cid[1 + n - h : 1 + n], "big") & rm
-            left = (left ^ from_bytes(encrypt(right.to_bytes(h, "big") + s4)[:h], "big")) & lm
-            right = (right ^ from_bytes(encrypt(left.to_bytes(h, "big") + s3)[:h], "big")) & rm
-            left = (left ^ from_bytes(encrypt(right.to_bytes(h, "big") + s2)[:h], "big")) & lm
-            if three_passes:  # the server ID lies wholly in left_0 (-21 §5.5.2)
-                return left.to_bytes(h, "big")[:sid_len]
-            right = (right ^ from_bytes(encrypt(left.to_bytes(h, "big") + s1)[:h], "big")) & rm
-            return params.join(left, right)[:sid_len]
-
-        return four_pass
+        return feistel_cid_decryptor(aes.encrypt, feistel_params(n), sid_len)
 
     def decode_many(self, cids: Sequence[bytes]) -> list[bytes | None]:
         """Decode a batch with one AES call per pass; ``None`` for CIDs that are too short.

@@ -12,7 +12,8 @@ from __future__ import annotations
 import secrets
 
 from lb.core.cid_cipher import aes_ecb, feistel_encrypt, feistel_params
-from lb.core.cid_config import MAX_CID_LEN_V1, UNROUTABLE_CONFIG_ID, CidConfig, CidMode
+from lb.core.cid_config import UNROUTABLE_CONFIG_ID, CidConfig, CidMode
+from lb.core.quic_constants import MAX_CID_LEN_V1
 
 #: Low 5 bits of the first octet (-21 §3).
 LOW_BITS_MASK = 0x1F

@@ -28,12 +28,13 @@ from __future__ import annotations
 import array
 import functools
 import hashlib
-import ipaddress
 import itertools
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from lb.core.addresses import packed_host
 
 #: The paper's small table size: prime, and >= 100 x backends up to 655 backends.
 DEFAULT_TABLE_SIZE = 65537
@@ -109,10 +110,7 @@ def _packed_addr(host: str) -> bytes:
     Folding matters because a dual-stack socket reports an IPv4 client as
     ``::ffff:a.b.c.d``; both spellings must pick the same backend.
     """
-    addr = ipaddress.ip_address(host)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    packed = addr.packed
+    packed = packed_host(host)
     return bytes((len(packed),)) + packed
 
 

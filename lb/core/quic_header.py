@@ -11,6 +11,8 @@ Rules:
 3. :func:`parse_routing_fields_untrusted` returns :class:`RoutingFields` or
    raises :class:`~lb.errors.MalformedDatagram`, nothing else. Its ``reason``
    is one of ``"empty"``, ``"truncated"``, ``"cid_too_long"``, ``"fixed_bit"``.
+   :func:`dcid_of_untrusted` is the cheaper cut for callers that need only the
+   DCID (the backends); the numbers both use live in :mod:`lb.core.quic_constants`.
 4. Policy (Version Negotiation drops, the 1200-byte minimum for unknown
    versions, which DCID length to decode) belongs to the router, not here.
 
@@ -23,38 +25,21 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, fields
 
-from lb.core.cid_config import MAX_CID_LEN_V1
+from lb.core.quic_constants import (
+    FIXED_BIT,
+    HEADER_FORM_LONG,
+    INITIAL_TYPE_BITS,
+    KNOWN_VERSIONS,
+    MAX_CID_LEN_V1,
+    VERSION_NEGOTIATION,
+)
 from lb.errors import MalformedDatagram
 
 __all__ = [
-    "KNOWN_VERSIONS",
-    "MAX_CID_LEN_INVARIANT",
-    "MAX_CID_LEN_V1",
-    "MIN_INITIAL_DATAGRAM",
-    "QUIC_V1",
-    "QUIC_V2",
-    "VERSION_NEGOTIATION",
     "RoutingFields",
-    "is_reserved_version",
+    "dcid_of_untrusted",
     "parse_routing_fields_untrusted",
 ]
-
-#: QUIC version 1 (RFC 9000 §15).
-QUIC_V1 = 0x00000001
-#: QUIC version 2 (RFC 9369 §3.1).
-QUIC_V2 = 0x6B3343CF
-#: The version field of a Version Negotiation packet (RFC 8999 §6).
-VERSION_NEGOTIATION = 0x00000000
-#: Versions whose header rules we enforce (fixed bit, 20-byte CIDs).
-KNOWN_VERSIONS: frozenset[int] = frozenset({QUIC_V1, QUIC_V2})
-#: Longest CID the invariants can express: a one-byte length (RFC 8999 §5.1).
-MAX_CID_LEN_INVARIANT = 255
-#: Smallest UDP payload that may carry a client Initial, in bytes (RFC 9000 §14.1);
-#: also the size below which an unknown version must not draw a VN (RFC 9000 §5.2.2).
-MIN_INITIAL_DATAGRAM = 1200
-
-_HEADER_FORM_LONG = 0x80  # RFC 8999 §5.1: the most significant bit selects the form
-_FIXED_BIT = 0x40  # RFC 9000 §17.2 / §17.3.1: MUST be 1 unless RFC 9287 greasing was negotiated
 
 # Long header prefix (RFC 8999 §5.1), laid out field by field:
 #   B  first octet (header form 1, then 7 version-specific bits)
@@ -63,14 +48,33 @@ _FIXED_BIT = 0x40  # RFC 9000 §17.2 / §17.3.1: MUST be 1 unless RFC 9287 greas
 _LONG_PREFIX = struct.Struct(">BIB")
 _LONG_PREFIX_LEN = _LONG_PREFIX.size  # 6
 _DCID_START = _LONG_PREFIX_LEN
-
-# RFC 9369 §3.2 permutes the long packet type bits; Initial is 0b00 in v1, 0b01 in v2.
-_INITIAL_TYPE_BITS = {QUIC_V1: 0b00, QUIC_V2: 0b01}
+_DCID_LEN_AT = _LONG_PREFIX_LEN - 1
 
 
-def is_reserved_version(version: int) -> bool:
-    """Whether ``version`` is a greasing version ``0x?a?a?a?a`` (RFC 9000 §15)."""
-    return version & 0x0F0F0F0F == 0x0A0A0A0A
+def dcid_of_untrusted(datagram: bytes | memoryview, short_dcid_len: int) -> bytes:
+    """The Destination Connection ID of the first packet in ``datagram``, and nothing else.
+
+    The cheap path for code that only needs the DCID (a backend's per-datagram
+    checks): no version rules, no SCID, no allocation beyond the slice. A long
+    header carries its DCID length (RFC 8999 §5.1); a short header does not
+    (§5.2), so the caller says how long its own CIDs are (``short_dcid_len``).
+    The fixed bit is not checked: that is version policy.
+
+    Raises :class:`MalformedDatagram` (``"empty"`` or ``"truncated"``) and nothing else.
+    """
+    size = len(datagram)
+    if size == 0:
+        raise MalformedDatagram("empty")
+    if datagram[0] & HEADER_FORM_LONG:
+        if size < _LONG_PREFIX_LEN:
+            raise MalformedDatagram("truncated", f"long header of {size} bytes")
+        end = _DCID_START + datagram[_DCID_LEN_AT]
+        if size < end:
+            raise MalformedDatagram("truncated", f"DCID of {end - _DCID_START} bytes in {size}")
+        return bytes(datagram[_DCID_START:end])
+    if size < 1 + short_dcid_len:
+        raise MalformedDatagram("truncated", f"short header of {size} bytes, DCID of {short_dcid_len}")
+    return bytes(datagram[1 : 1 + short_dcid_len])
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +104,7 @@ class RoutingFields:
         """True for a v1 or v2 Initial packet, reading the type bits per version."""
         if self.long_packet_type is None:
             return False
-        return _INITIAL_TYPE_BITS.get(self.version or 0) == self.long_packet_type
+        return INITIAL_TYPE_BITS.get(self.version or 0) == self.long_packet_type
 
     @property
     def is_version_negotiation(self) -> bool:
@@ -162,11 +166,11 @@ def parse_routing_fields_untrusted(
         raise MalformedDatagram("empty")
     first = datagram[0]
 
-    if not first & _HEADER_FORM_LONG:
+    if not first & HEADER_FORM_LONG:
         # Short header (RFC 8999 §5.2, RFC 9000 §17.3.1). Every version we
         # serve uses the fixed bit and our backends (aioquic) never negotiate
         # grease_quic_bit (RFC 9287), so a clear bit is not QUIC we can route.
-        if not first & _FIXED_BIT:
+        if not first & FIXED_BIT:
             raise MalformedDatagram("fixed_bit", f"short header first byte 0x{first:02x}")
         if size < 2:
             raise MalformedDatagram("truncated", "short header without a DCID")
@@ -184,7 +188,7 @@ def parse_routing_fields_untrusted(
     if known:
         # RFC 9000 §17.2: the fixed bit is 1 in v1 (and v2, RFC 9369 §3) long
         # headers. RFC 8999 does not define it, so unknown versions skip this.
-        if not first & _FIXED_BIT:
+        if not first & FIXED_BIT:
             raise MalformedDatagram("fixed_bit", f"version 0x{version:08x}")
         if dcid_len > MAX_CID_LEN_V1:
             raise MalformedDatagram("cid_too_long", f"DCID of {dcid_len} bytes")
@@ -199,7 +203,7 @@ def parse_routing_fields_untrusted(
     if size < scid_end:
         raise MalformedDatagram("truncated", f"SCID of {scid_len} bytes in {size}")
 
-    packet_type = (first >> 4) & 0b11 if version in _INITIAL_TYPE_BITS else None
+    packet_type = (first >> 4) & 0b11 if version in INITIAL_TYPE_BITS else None
     return _make_fields(
         (
             True,

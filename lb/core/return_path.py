@@ -41,10 +41,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from lb.core.addresses import Address, normalize_address
 from lb.core.cid_decoder import CidDecoder
 from lb.core.encapsulation import decode_proxy_header_untrusted
 from lb.core.quic_header import parse_routing_fields_untrusted
-from lb.core.service_table import Address, ServiceTable, normalize_address
+from lb.core.service_table import ServiceTable
 from lb.errors import MalformedDatagram
 
 

@@ -36,11 +36,12 @@ import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from lb.core.addresses import Address
 from lb.core.cid_decoder import ConfigDecoder
 from lb.core.maglev import four_tuple_key
 from lb.core.quic_constants import MIN_INITIAL_DATAGRAM
 from lb.core.quic_header import parse_routing_fields_untrusted
-from lb.core.service_table import Address, Backend, ServiceTable
+from lb.core.service_table import Backend, ServiceTable
 from lb.errors import MalformedDatagram
 
 #: Upper bound of the DCID -> backend cache; FIFO eviction beyond it.

@@ -7,36 +7,15 @@ the datapath only reads it. Nothing here is mutated after construction.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from types import MappingProxyType
 
+from lb.core.addresses import Address, normalize_address
 from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import CidDecoder
 from lb.core.maglev import DEFAULT_TABLE_SIZE, MaglevTable, build_maglev_table
-
-Address = tuple[str, int]
-
-
-def normalize_address(address: tuple[str, int] | tuple[str, int, int, int]) -> Address:
-    """``(ip text in canonical form, port)``: IPv4-mapped IPv6 folded to IPv4, scope dropped.
-
-    Socket APIs report the same peer as ``"::ffff:127.0.0.1"`` or
-    ``"127.0.0.1"`` and IPv6 with 4-tuples; comparisons need one spelling.
-    """
-    return (_canonical_host(address[0]), int(address[1]))
-
-
-@lru_cache(maxsize=65536)
-def _canonical_host(host: str) -> str:
-    # Cached: replies carry the same few client addresses over and over, and
-    # ipaddress parsing costs microseconds. Raises ValueError for non-IP text.
-    ip = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.compressed
+from lb.core.quic_constants import KNOWN_VERSIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +76,7 @@ def build_service_table(
     fallback_key: bytes,
     tombstones: Iterable[bytes] = (),
     maglev_size: int = DEFAULT_TABLE_SIZE,
-    supported_versions: Iterable[int] = (0x00000001, 0x6B3343CF),
+    supported_versions: Iterable[int] = KNOWN_VERSIONS,
     short_header_fallback: bool = False,
 ) -> ServiceTable:
     """Validate and assemble a table; the Maglev ring covers healthy, non-draining backends."""

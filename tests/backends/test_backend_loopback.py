@@ -18,9 +18,9 @@ import pytest
 from backends.client import ClientError, EchoClient
 from backends.routable_cids import active_path_address, host_cids
 from backends.server import BackendServer
-from backends.settings import canonical_ip
 from backends.testing import TEST_CID_CONFIG, LoopbackStack, loopback_stack
 from backends.tls import generate_self_signed
+from lb.core.addresses import canonical_host
 from lb.core.cid_decoder import decode_server_id
 from lb.core.encapsulation import encode_proxy_header
 
@@ -129,7 +129,7 @@ def test_s8_backend_sees_the_real_client_address(arun: Callable[..., Any]) -> No
             assert await client.echo(b"x") == b"x"
             backend = stack.backends[0]
             (path,) = server_paths(backend)
-            assert (canonical_ip(path[0]), path[1]) == client.local_address
+            assert (canonical_host(path[0]), path[1]) == client.local_address
             assert tuple(path) != stack.relay.inside
 
     arun(scenario())
@@ -152,7 +152,7 @@ def test_r14_rebinding_and_migration_survive(arun: Callable[..., Any], host: str
             def server_path() -> list[tuple[str, int]]:
                 # The server connection that owns the client's current DCID, and its active path.
                 return [
-                    (canonical_ip(path[0]), path[1])
+                    (canonical_host(path[0]), path[1])
                     for p in backend.protocols
                     if client.dcid in host_cids(p.connection) and (path := active_path_address(p.connection))
                 ]

@@ -15,7 +15,6 @@ from aioquic.quic.packet import pull_quic_transport_parameters
 
 from backends.apps import ECHO_ALPN
 from backends.routable_cids import (
-    QUIC_V2,
     RoutableCidError,
     host_cids,
     install_routable_cids,
@@ -28,6 +27,7 @@ from backends.tls import generate_self_signed
 from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import decode_server_id
 from lb.core.cid_issuer import CidIssuer
+from lb.core.quic_constants import QUIC_V2
 
 CLIENT_ADDR = ("127.0.0.1", 40000)
 SERVER_ADDR = ("127.0.0.1", 4433)

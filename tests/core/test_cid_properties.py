@@ -152,3 +152,27 @@ def test_free_low_bits_without_self_encoding() -> None:
     lows = {encode_cid(cfg, b"abc", bytes(4))[0] & 0x1F for _ in range(200)}
     assert len(lows) > 10  # random free bits, not a constant
     assert encode_cid(cfg, b"abc", bytes(4), low_bits=5)[0] == (3 << 5) | 5
+
+
+@pytest.mark.parametrize(("sid_len", "nonce_len", "aes_calls"), [(3, 4, 3), (4, 4, 3), (5, 4, 4), (7, 4, 4), (2, 12, 3)])
+def test_four_pass_decryption_skips_pass_1_when_the_server_id_lies_in_left_0(
+    sid_len: int, nonce_len: int, aes_calls: int
+) -> None:
+    # Trap T11 (-21 §5.5.2): a server ID no longer than half the block needs passes 4, 3, 2 only.
+    # The one scalar four-pass decryption (cid_cipher) is shared by decode_cid and the LB's decoder.
+    from lb.core.cid_cipher import aes_ecb, feistel_cid_decryptor, feistel_params  # noqa: PLC0415
+
+    cfg = CidConfig(0, sid_len, nonce_len, bytes(range(16)))
+    assert cfg.mode is CidMode.FOUR_PASS
+    sid, nonce = bytes(range(1, sid_len + 1)), bytes(range(0x40, 0x40 + nonce_len))
+    cid = encode_cid(cfg, sid, nonce)
+    calls = []
+
+    def counting_encrypt(block: bytes) -> bytes:
+        calls.append(block)
+        return aes_ecb(bytes(range(16))).encrypt(block)
+
+    assert feistel_cid_decryptor(counting_encrypt, feistel_params(cfg.block_len), sid_len)(cid) == sid
+    assert len(calls) == aes_calls == cfg.lb_passes
+    assert ConfigDecoder(cfg).decode(cid) == sid
+    assert decode_cid(cfg, cid) == (sid, nonce)

@@ -6,7 +6,8 @@ import pytest
 
 from lb import CidConfig
 from lb.core.health import HealthTracker, build_probe, probe_reply_nonce_untrusted
-from lb.core.quic_header import is_reserved_version, parse_routing_fields_untrusted
+from lb.core.quic_constants import is_reserved_version
+from lb.core.quic_header import parse_routing_fields_untrusted
 from lb.core.router import Outcome, Router
 from lb.core.service_table import Backend, build_service_table
 from quiclb_harness.datagrams import initial, short_header, version_negotiation, vn_probe

@@ -8,17 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.core.quic_header import (
-    MAX_CID_LEN_V1,
-    QUIC_V1,
-    QUIC_V2,
-    RoutingFields,
-    is_reserved_version,
-    parse_routing_fields_untrusted,
-)
+from lb.core.quic_constants import GREASE_VERSION, MAX_CID_LEN_V1, QUIC_V1, QUIC_V2, is_reserved_version
+from lb.core.quic_header import RoutingFields, dcid_of_untrusted, parse_routing_fields_untrusted
 from lb.errors import MalformedDatagram
 from quiclb_harness.datagrams import (
-    GREASE_VERSION,
     initial,
     long_header,
     short_header,
@@ -348,3 +341,57 @@ def test_fast_constructed_fields_behave_like_the_dataclass() -> None:
     assert hash(fields) == hash(RoutingFields(True, fields.first_byte, QUIC_V1, DCID8, SCID8, 0))
     with pytest.raises(dataclasses.FrozenInstanceError):
         fields.dcid = b""  # type: ignore[misc]
+
+
+# -- dcid_of_untrusted: the backends' cheap DCID cut --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("datagram", "short_len", "expected"),
+    [
+        (short_header(CID20[:8], payload_len=4), 8, CID20[:8]),
+        (short_header(CID20[:8]), 4, CID20[:4]),  # the caller's length, whatever follows
+        (initial(QUIC_V1, DCID8, SCID8), 17, DCID8),  # long: its own length field, not short_len
+        (long_header(GREASE_VERSION, bytes(40), b""), 8, bytes(40)),  # invariants only: 40 is fine
+        (b"\x80" + QUIC_V1.to_bytes(4, "big") + b"\x00", 8, b""),  # zero-length DCID
+        (b"\x00" + CID20, 8, CID20[:8]),  # fixed bit clear: version policy, not this cut
+    ],
+    ids=["short", "short-own-length", "long-initial", "long-unknown-version", "long-empty-dcid", "no-fixed-bit"],
+)
+def test_dcid_of_untrusted_cuts_the_first_packets_dcid(datagram: bytes, short_len: int, expected: bytes) -> None:
+    assert dcid_of_untrusted(datagram, short_len) == expected
+    assert dcid_of_untrusted(memoryview(datagram), short_len) == expected
+
+
+@pytest.mark.parametrize(
+    ("datagram", "reason"),
+    [
+        (b"", "empty"),
+        (b"\x40" + bytes(7), "truncated"),  # one byte short of an 8-byte DCID
+        (b"\xc0\x00\x00\x00\x01", "truncated"),  # no DCID length yet
+        (b"\xc0\x00\x00\x00\x01\x08" + bytes(7), "truncated"),  # DCID runs past the end
+    ],
+    ids=["empty", "short-truncated", "long-no-length", "long-dcid-overrun"],
+)
+def test_dcid_of_untrusted_raises_only_malformed(datagram: bytes, reason: str) -> None:
+    with pytest.raises(MalformedDatagram) as info:
+        dcid_of_untrusted(datagram, 8)
+    assert info.value.reason == reason
+
+
+@given(st.binary(max_size=64), st.integers(0, MAX_CID_LEN_V1))
+def test_dcid_of_untrusted_agrees_with_the_full_parser(data: bytes, short_len: int) -> None:
+    # Any bytes: a DCID or MalformedDatagram, and whenever the full parser accepts the
+    # datagram the cheap cut finds the same DCID (short headers: cut at the caller's length).
+    try:
+        dcid = dcid_of_untrusted(data, short_len)
+    except MalformedDatagram:
+        dcid = None
+    try:
+        fields = parse_routing_fields_untrusted(data)
+    except MalformedDatagram:
+        return
+    if fields.is_long:
+        assert dcid == fields.dcid
+    elif len(data) >= 1 + short_len:
+        assert dcid == fields.dcid[:short_len]

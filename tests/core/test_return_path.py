@@ -13,12 +13,13 @@ import struct
 
 import pytest
 
-from lb.core.encapsulation import PROXY_V2_SIGNATURE, encode_proxy_header
-from lb.core.health import build_probe, probe_reply_nonce_untrusted
+from lb.core.addresses import Address
 from lb.core.cid_config import CidConfig
 from lb.core.cid_encoder import encode_cid
+from lb.core.encapsulation import PROXY_V2_SIGNATURE, encode_proxy_header
+from lb.core.health import build_probe, probe_reply_nonce_untrusted
 from lb.core.return_path import ReturnOutcome, ReturnPath, ReturnStats
-from lb.core.service_table import Address, Backend, ServiceTable, build_service_table
+from lb.core.service_table import Backend, ServiceTable, build_service_table
 from quiclb_harness.datagrams import short_header, version_negotiation
 
 BACKEND1 = ("10.0.0.1", 4001)
