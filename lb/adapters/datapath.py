@@ -46,6 +46,9 @@ class DatapathStats:
     tx_to_client_errors: int = 0
     #: Datagrams the adapter itself dropped, by reason (``rx_truncated``, ``tx_queue_full``, ...).
     drops: Mapping[str, int] = field(default_factory=dict)
+    #: Errors a socket reported outside any send (ICMP), by socket role (``inside``, ``vip``, ``probe``):
+    #: no datagram of ours is attached to them, so they are not drops.
+    socket_errors: Mapping[str, int] = field(default_factory=dict)
 
 
 class VipPort(Protocol):

@@ -1,17 +1,28 @@
 """Read-only views of a running LB, handed to the admin API and the metrics renderer.
 
-The app builds an :class:`LbSnapshot` on demand from the routers' and
-adapters' counters; nothing here holds live references into the datapath.
-Counters are monotonic for the life of the process: reloads never reset them.
+Every component exposes ``stats()`` returning a frozen snapshot (router,
+return path, datapath, health checker, table builder, reloader); the app
+gathers them into one :class:`LbSnapshot` on demand, and the functions below
+derive the per-service and per-backend views from them. Nothing here holds
+live references into the datapath. Counters are monotonic for the life of the
+process: reloads never reset them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from lb.control.config import BackendState, LbConfig
+from lb.core.addresses import format_address
+from lb.core.health import HealthKey, HealthStatus
 from lb.core.return_path import ReturnStats
 from lb.core.router import RouterStats
+from lb.core.service_table import ServiceTable
+
+if TYPE_CHECKING:  # a type only: control never imports the adapters at run time
+    from lb.adapters.datapath import DatapathStats
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,8 @@ class LbSnapshot:
     started_at: float  # unix time
     pid: int
     extra: Mapping[str, int] = field(default_factory=dict)  # adapter-level counters (e.g. send errors)
+    #: The datapath's own counters (receive totals, sends, drops); None in snapshots built by hand.
+    datapath: DatapathStats | None = None
 
 
 @dataclass(frozen=True)
@@ -67,3 +80,71 @@ class ReloadResult:
     message: str
     config_version: int
     config_digest: str
+
+
+def service_views(config: LbConfig, tables: Mapping[str, ServiceTable]) -> tuple[ServiceView, ...]:
+    out = []
+    for svc in config.services:
+        table = tables.get(svc.name)
+        out.append(ServiceView(
+            name=svc.name, vip=format_address(svc.vip), config_ids=tuple(c.config_id for c in svc.cid_configs),
+            linkable=svc.linkable, fallback_backends=len(table.fallback_backends) if table else 0,
+        ))
+    return tuple(out)
+
+
+def backend_views(
+    config: LbConfig,
+    tables: Mapping[str, ServiceTable],
+    health: Mapping[HealthKey, HealthStatus],
+    datapath: DatapathStats,
+    returns: ReturnStats,
+) -> tuple[BackendView, ...]:
+    """Configured backends, then the tombstoned (recently removed) ones, per service."""
+    out = []
+    for svc in config.services:
+        table = tables.get(svc.name)
+        for b in svc.backends:
+            key = (svc.name, b.server_id.hex())
+            status = health.get((svc.name, b.server_id))
+            out.append(BackendView(
+                service=svc.name, server_id=key[1], address=format_address(b.address),
+                state="draining" if b.state is BackendState.DRAINING else "active",
+                healthy=status.healthy if status else True,
+                in_fallback=bool(table and b.server_id in table.fallback_backends),
+                tx_datagrams=datapath.tx_to_backend.get(key, 0),
+                unreachable=datapath.backend_unreachable.get(key, 0),
+                probes=status.probes if status else 0,
+                probe_replies=status.replies if status else 0,
+                last_probe_rtt=status.last_rtt if status else None,
+                stale_cid_replies=returns.stale_cid_replies.get(key, 0),
+                stale_config=returns.stale_config.get(key, False),
+            ))
+        for sid in sorted(table.tombstones) if table else ():
+            key = (svc.name, sid.hex())
+            out.append(BackendView(
+                service=svc.name, server_id=key[1], address="", state="removed", healthy=False,
+                in_fallback=False, tx_datagrams=datapath.tx_to_backend.get(key, 0),
+                unreachable=0, probes=0, probe_replies=0, last_probe_rtt=None,
+            ))
+    return tuple(out)
+
+
+def route_info(tables: Mapping[str, ServiceTable], service: str | None, dcid: bytes) -> dict[str, object]:
+    """"Which backend owns this CID?" for the admin API (no traffic is generated)."""
+    if service is not None and service not in tables:
+        raise LookupError(f"no service named {service!r}")
+    out: dict[str, object] = {"dcid_len": len(dcid)}
+    for name, table in tables.items():
+        if service is not None and name != service:
+            continue
+        sid = table.decoder.decode(dcid)
+        backend = table.backends.get(sid) if sid is not None else None
+        out[name] = {
+            "config_id": dcid[0] >> 5 if dcid else None,
+            "server_id": sid.hex() if sid is not None else None,
+            "backend": format_address(backend.address) if backend else None,
+            "routable": backend is not None,
+            "tombstoned": sid in table.tombstones if sid is not None else False,
+        }
+    return out

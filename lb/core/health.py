@@ -23,6 +23,9 @@ from typing import Generic, TypeVar
 from lb.core.quic_header import parse_routing_fields_untrusted
 from lb.errors import MalformedDatagram
 
+#: A backend as the health checker knows it: (service name, server ID).
+HealthKey = tuple[str, bytes]
+
 GREASE_VERSION = 0x1A2A3A4A
 PROBE_SIZE = 1200
 NONCE_LEN = 16
@@ -102,6 +105,10 @@ class HealthTracker(Generic[K]):
     def is_healthy(self, key: K) -> bool:
         target = self._targets.get(key)
         return True if target is None else target.healthy
+
+    def unhealthy(self) -> frozenset[K]:
+        """The keys marked down: the health input of a table build (a value, safe to hand to another thread)."""
+        return frozenset(key for key, t in self._targets.items() if not t.healthy)
 
     def status(self, key: K) -> HealthStatus | None:
         t = self._targets.get(key)
