@@ -113,6 +113,8 @@ class ReturnPath:
         self.vips: frozenset[Address] = frozenset()
         self.own_addresses: frozenset[Address] = frozenset()
         self._extra_own: tuple[Address, ...] = ()
+        #: Bumped by every :meth:`reconfigure`: adapters that cache validated headers drop them.
+        self.generation = 0
         self.rx = 0
         self.tx = 0
         self.tx_bytes = 0
@@ -138,6 +140,7 @@ class ReturnPath:
         self.senders = senders
         self.vips = frozenset(vips)
         self.own_addresses = self.vips | frozenset(self._extra_own)
+        self.generation += 1
 
     # -- outcomes -------------------------------------------------------------
 

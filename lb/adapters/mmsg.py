@@ -1,0 +1,204 @@
+"""recvmmsg/sendmmsg through ctypes: message arrays preallocated once, fields read and written by views.
+
+CPython's socket module has ``recvmsg`` but no ``recvmmsg``/``sendmmsg``, and
+one system call per datagram costs as much as all the Python routing work
+together. This module owns the C structures and nothing else: the datapath
+(``lb.adapters.mmsg_datapath``) decides what goes in them.
+
+Speed rules, because everything here runs per datagram or per batch:
+
+* ctypes attribute access costs ~100 ns; every per-datagram field is written
+  through a ``memoryview`` cast to machine words (``Q``/``I``) over the same
+  memory (~30 ns per item), and per-batch fields are read with one ``struct``
+  call per batch size.
+* Addresses and buffers never move: a message header points at a fixed slot,
+  so most fields are written once at construction.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import socket
+import struct
+import sys
+from typing import Any
+
+from lb.core.addresses import Address
+
+#: Datagrams per recvmmsg/sendmmsg call.
+BATCH = 64
+#: A receive slot holds the largest UDP payload (65,507 bytes over IPv4, 65,527 over IPv6, RFC 768/8200),
+#: so no datagram is ever cut; the kernel touches only the bytes it writes, so unused slot memory
+#: costs address space, not RSS.
+SLOT_BYTES = 65536
+#: sockaddr_storage is 128 bytes on Linux.
+SOCKADDR_BYTES = 128
+SOCKADDR_IN_BYTES = 16
+SOCKADDR_IN6_BYTES = 28
+
+MSG_DONTWAIT = 0x40
+MSG_TRUNC = 0x20
+
+if sys.byteorder != "little" or struct.calcsize("P") != 8:  # the word views below assume LP64 little-endian
+    raise ImportError("lb.adapters.mmsg supports 64-bit little-endian Linux only")
+
+
+class Iovec(ctypes.Structure):
+    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
+
+
+class Msghdr(ctypes.Structure):
+    _fields_ = (
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.POINTER(Iovec)),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    )
+
+
+class Mmsghdr(ctypes.Structure):
+    _fields_ = (("msg_hdr", Msghdr), ("msg_len", ctypes.c_uint))
+
+
+MSG_SIZE = ctypes.sizeof(Mmsghdr)  # 64 on LP64
+MSG_WORDS = MSG_SIZE // 8
+IOV_SIZE = ctypes.sizeof(Iovec)  # 16
+# Word (8-byte) indices of the fields inside one mmsghdr, for the ``Q`` views.
+NAME_W = Msghdr.msg_name.offset // 8  # 0
+NAMELEN_W = Msghdr.msg_namelen.offset // 8  # 1 (u32 + 4 bytes of padding: written as a whole word)
+IOV_W = Msghdr.msg_iov.offset // 8  # 2
+IOVLEN_W = Msghdr.msg_iovlen.offset // 8  # 3
+assert MSG_SIZE == 64 and IOV_SIZE == 16 and (NAME_W, NAMELEN_W, IOV_W, IOVLEN_W) == (0, 1, 2, 3)
+
+
+def _libc_functions() -> tuple[Any, Any] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
+    except (OSError, AttributeError):
+        return None
+    # Pointers as plain integers: the datapath passes addresses it computed itself.
+    recvmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p)
+    recvmmsg.restype = ctypes.c_int
+    sendmmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int)
+    sendmmsg.restype = ctypes.c_int
+    return recvmmsg, sendmmsg
+
+
+_FUNCTIONS = _libc_functions()
+
+
+def mmsg_available() -> bool:
+    """True where libc has recvmmsg and sendmmsg (Linux)."""
+    return _FUNCTIONS is not None
+
+
+def word_view(array: ctypes.Array[Any]) -> memoryview:
+    """The array's memory as unsigned 64-bit words (``Q``), writable."""
+    return byte_view(array).cast("Q")
+
+
+def byte_view(array: ctypes.Array[Any]) -> memoryview:
+    return memoryview((ctypes.c_char * ctypes.sizeof(array)).from_buffer(array)).cast("B")
+
+
+def encode_sockaddr(address: Address) -> bytes:
+    """sockaddr_in / sockaddr_in6 bytes for a (canonical IP text, port) pair."""
+    host, port = address[0], address[1]
+    if ":" in host:
+        packed = socket.inet_pton(socket.AF_INET6, host)
+        return struct.pack("=H", socket.AF_INET6) + struct.pack("!H", port) + bytes(4) + packed + bytes(4)
+    packed = socket.inet_pton(socket.AF_INET, host)
+    return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + packed + bytes(8)
+
+
+def decode_sockaddr(raw: bytes) -> Address:
+    family = struct.unpack_from("=H", raw)[0]
+    port = struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+
+
+class ReceiveRing:
+    """``batch`` receive slots of ``slot_bytes`` each, with their message headers, for one socket.
+
+    After :meth:`receive`, datagram ``i`` is ``view[i * slot_bytes : i * slot_bytes + lengths[i]]``
+    and its source sockaddr is ``names[i * SOCKADDR_BYTES :][:namelens[i]]``.
+    """
+
+    def __init__(self, batch: int = BATCH, slot_bytes: int = SLOT_BYTES) -> None:
+        self.batch = batch
+        self.slot_bytes = slot_bytes
+        self.buffers = (ctypes.c_char * (slot_bytes * batch))()
+        self.names = (ctypes.c_char * (SOCKADDR_BYTES * batch))()
+        self._iov = (Iovec * batch)()
+        self._msgs = (Mmsghdr * batch)()
+        self.buffers_at = ctypes.addressof(self.buffers)
+        self.names_at = ctypes.addressof(self.names)
+        self._msgs_at = ctypes.addressof(self._msgs)
+        for i in range(batch):
+            self._iov[i].iov_base = self.buffers_at + i * slot_bytes
+            self._iov[i].iov_len = slot_bytes
+            hdr = self._msgs[i].msg_hdr
+            hdr.msg_name = self.names_at + i * SOCKADDR_BYTES
+            hdr.msg_namelen = SOCKADDR_BYTES
+            hdr.msg_iov = ctypes.pointer(self._iov[i])
+            hdr.msg_iovlen = 1
+        self.view = byte_view(self.buffers).toreadonly()
+        self.name_view = byte_view(self.names).toreadonly()
+        self._msg_bytes = byte_view(self._msgs)
+        # The kernel overwrites msg_namelen, msg_flags and msg_len: one copy of the pristine
+        # headers restores a whole batch before the next call.
+        self._pristine = bytes(self._msg_bytes)
+        # (namelen, flags, len) of the first n messages, one struct per n.
+        one = f"{Msghdr.msg_namelen.offset}xI{Msghdr.msg_flags.offset - Msghdr.msg_namelen.offset - 4}xi"
+        one += f"{Mmsghdr.msg_len.offset - Msghdr.msg_flags.offset - 4}xI{MSG_SIZE - Mmsghdr.msg_len.offset - 4}x"
+        self._fields = [struct.Struct("=" + one * n) for n in range(batch + 1)]
+
+    def receive(self, fd: int) -> tuple[int, tuple[int, ...]]:
+        """One recvmmsg: (count, flat (namelen, flags, length) fields). Raises OSError on real errors."""
+        assert _FUNCTIONS is not None
+        n = _FUNCTIONS[0](fd, self._msgs_at, self.batch, MSG_DONTWAIT, None)
+        if n <= 0:
+            if n == 0:
+                return 0, ()
+            err = ctypes.get_errno()
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                return 0, ()
+            raise OSError(err, f"recvmmsg: {errno.errorcode.get(err, err)}")
+        fields = self._fields[n].unpack_from(self._msg_bytes)
+        self._msg_bytes[: n * MSG_SIZE] = self._pristine[: n * MSG_SIZE]
+        return n, fields
+
+    def source(self, i: int, namelen: int) -> bytes:
+        return bytes(self.name_view[i * SOCKADDR_BYTES : i * SOCKADDR_BYTES + namelen])
+
+
+class SendArray:
+    """``batch`` outgoing message headers; the caller points them at iovecs and names, then :meth:`send`."""
+
+    def __init__(self, batch: int = BATCH) -> None:
+        self.batch = batch
+        self.msgs = (Mmsghdr * batch)()
+        self.at = ctypes.addressof(self.msgs)
+        self.words = word_view(self.msgs)
+
+    def send(self, fd: int, start: int, count: int) -> tuple[int, int]:
+        """One sendmmsg of messages ``start .. start+count-1``: (sent, 0), or (0, errno) when the first fails.
+
+        sendmmsg stops at the first message that fails and reports the error only
+        when nothing was sent: callers retry from ``start + sent`` to learn it.
+        """
+        assert _FUNCTIONS is not None
+        while True:
+            n = _FUNCTIONS[1](fd, self.at + start * MSG_SIZE, count, 0)
+            if n >= 0:
+                return n, 0
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                return 0, err

@@ -1,0 +1,258 @@
+"""The batched Linux datapath over real loopback sockets: what leaves it, byte for byte, and what it counts.
+
+No LB process: a MmsgDatapath with one router, plain UDP sockets as clients and
+backends. Checks the zero-copy message layout (the PROXY v2 header the kernel
+gathers from six iovecs), the return path's header cache, and that every
+datagram the adapter cannot deliver is counted (issue 8; issue 12 items 7-8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from lb.adapters.mmsg import SendArray, mmsg_available
+from lb.adapters.mmsg_datapath import MmsgDatapath
+from lb.core.addresses import Address
+from lb.core.cid_config import CidConfig
+from lb.core.cid_encoder import encode_cid
+from lb.core.encapsulation import decapsulate_untrusted, encode_proxy_header
+from lb.core.return_path import ReturnPath
+from lb.core.router import Outcome, Router
+from lb.core.service_table import Backend, ServiceTable, build_service_table
+from quiclb_harness.datagrams import initial, short_header
+
+pytestmark = pytest.mark.skipif(not mmsg_available(), reason="recvmmsg/sendmmsg need Linux")
+
+CFG = CidConfig(config_id=0, server_id_len=2, nonce_len=14, key=bytes(range(16)))
+
+
+def udp(host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.setblocking(False)
+    return sock
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with udp(host) as s:
+        return int(s.getsockname()[1])
+
+
+def table(vip: Address, backends: list[socket.socket], *, name: str = "svc") -> ServiceTable:
+    return build_service_table(
+        name=name, vip=vip, cid_configs=[CFG], fallback_key=bytes(32), maglev_size=1009,
+        backends=[Backend(i.to_bytes(2, "big"), b.getsockname()[:2]) for i, b in enumerate(backends, start=1)],
+    )
+
+
+def cid_of(k: int, seed: int = 0) -> bytes:
+    return encode_cid(CFG, server_id=k.to_bytes(2, "big"), nonce=seed.to_bytes(14, "big"))
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what}: not met within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+def drain(sock: socket.socket) -> list[tuple[bytes, Address]]:
+    out = []
+    while True:
+        try:
+            data, addr = sock.recvfrom(70000)
+        except BlockingIOError:
+            return out
+        out.append((data, addr[:2]))
+
+
+@contextmanager
+def sockets(*socks: socket.socket) -> Iterator[tuple[socket.socket, ...]]:
+    try:
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
+
+
+def run(body: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(body())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_forward_and_return_byte_for_byte(host: str) -> None:
+    async def body() -> None:
+        with sockets(udp(host), udp(host), udp(host)) as (b1, b2, client):
+            vip = (host, free_port(host))
+            inside = (host, free_port(host))
+            tbl = table(vip, [b1, b2])
+            dp, rp = MmsgDatapath(), ReturnPath([tbl], own_addresses=[inside])
+            await dp.open_inside(inside, rp)
+            router = Router(tbl)
+            await dp.open_vip("svc", vip, router)
+            sizes = [1, 100, 1200, 2049, 9000, 60000]  # past the old 2 kB slots too
+            sent = [short_header(cid_of(1 + i % 2, i), payload_len=s) for i, s in enumerate(sizes)]
+            for d in sent:
+                client.sendto(d, vip)
+            got: dict[int, list[tuple[bytes, Address]]] = {1: [], 2: []}
+            await until(lambda: sum(len(v) for v in got.values()) == len(sent) or bool(
+                got[1].extend(drain(b1)) or got[2].extend(drain(b2))), "forwards arrive")
+            me = client.getsockname()[:2]
+            for k, sock in ((1, b1), (2, b2)):
+                for data, source in got[k]:
+                    header, payload = decapsulate_untrusted(data)
+                    assert source == inside[:2] or source[0] == host
+                    assert header.source == me and header.destination == vip
+                    assert payload in sent
+                    assert payload[1:18] == cid_of(k, sent.index(payload))  # the owner got it
+                    # The backend answers through the inside port: header source = client, destination = VIP.
+                    sock.sendto(encode_proxy_header(me, vip) + b"reply:" + payload[:50], inside)
+            replies: list[tuple[bytes, Address]] = []
+            await until(lambda: len(replies) == len(sent) or bool(replies.extend(drain(client))), "replies arrive")
+            assert {src for _, src in replies} == {vip}
+            assert sorted(r for r, _ in replies) == sorted(b"reply:" + d[:50] for d in sent)
+            stats = dp.stats()
+            assert stats.rx_client_datagrams == len(sent) == router.stats().total_outcomes()
+            assert sum(stats.tx_to_backend.values()) == len(sent)
+            assert stats.tx_to_client == len(sent) and stats.rx_backend_datagrams == len(sent)
+            assert rp.stats().tx_to_client == len(sent)
+            dp.close()
+
+    run(body)
+
+
+def test_reply_header_cache_never_outlives_trust() -> None:
+    # The fast path remembers accepted headers per sender; a reconfigure that removes the
+    # sender, or another sender with the same header bytes, must take the full checks again.
+    async def body() -> None:
+        with sockets(udp(), udp(), udp(), udp()) as (b1, b2, other, client):
+            vip, inside = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
+            tbl = table(vip, [b1, b2])
+            dp, rp = MmsgDatapath(), ReturnPath([tbl], own_addresses=[inside])
+            await dp.open_inside(inside, rp)
+            await dp.open_vip("svc", vip, Router(tbl))
+            me = client.getsockname()[:2]
+            reply = encode_proxy_header(me, vip) + b"x" * 30
+            for _ in range(5):
+                b1.sendto(reply, inside)
+            await until(lambda: rp.stats().tx_to_client == 5, "5 replies")
+            other.sendto(reply, inside)  # same header bytes, not a backend
+            await until(lambda: rp.stats().rejected.get("source") == 1, "stranger rejected")
+            rp.reconfigure([table(vip, [b2])], own_addresses=[inside])  # b1 removed
+            b1.sendto(reply, inside)
+            await until(lambda: rp.stats().rejected.get("source") == 2, "removed backend rejected")
+            b2.sendto(encode_proxy_header(vip, vip) + b"loop", inside)  # to the VIP itself
+            await until(lambda: rp.stats().rejected.get("client_own_address") == 1, "own address rejected")
+            await asyncio.sleep(0)
+            assert len(drain(client)) == 5
+            s = rp.stats()
+            assert s.rx_backend_datagrams == dp.stats().rx_backend_datagrams == 8
+            assert s.rx_backend_datagrams == s.tx_to_client + sum(s.rejected.values())
+            dp.close()
+
+    run(body)
+
+
+def test_failed_forwards_are_counted_per_backend_not_as_sent() -> None:
+    # Issue 12 item 8: a send the kernel refuses is backend_unreachable, never tx_to_backend.
+    async def body() -> None:
+        with sockets(udp(), udp()) as (b1, client):
+            vip, inside = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
+            backends = [Backend(b"\x00\x01", b1.getsockname()[:2]), Backend(b"\x00\x02", ("255.255.255.255", 4000)),
+                        Backend(b"\x00\x03", ("::1", 4000))]  # broadcast without SO_BROADCAST; wrong family
+            tbl = build_service_table(name="svc", vip=vip, cid_configs=[CFG], fallback_key=bytes(32),
+                                      maglev_size=1009, backends=backends)
+            dp = MmsgDatapath()
+            await dp.open_inside(inside, ReturnPath([tbl], own_addresses=[inside]))
+            router = Router(tbl)
+            await dp.open_vip("svc", vip, router)
+            for k in (1, 2, 3, 1, 2, 3):
+                client.sendto(short_header(cid_of(k, k)), vip)
+            client.sendto(short_header(cid_of(1), payload_len=65480), vip)  # 65498 B + a 28-byte header > 65507
+            await until(lambda: dp.stats().rx_client_datagrams == 7, "all received")
+            await until(lambda: len(drain(b1)) >= 0 and router.stats().total_outcomes() == 7, "all routed")
+            s = dp.stats()
+            assert s.tx_to_backend[("svc", "0001")] == 2
+            assert s.backend_unreachable == {("svc", "0001"): 1, ("svc", "0002"): 2, ("svc", "0003"): 2}
+            assert s.tx_to_backend.get(("svc", "0002"), 0) == 0 and s.tx_to_backend.get(("svc", "0003"), 0) == 0
+            dp.close()
+
+    run(body)
+
+
+def test_a_full_socket_buffer_is_counted_as_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # EAGAIN that outlasts the 1 ms wait: every datagram left in the batch is a counted drop.
+    async def body() -> None:
+        with sockets(udp(), udp()) as (b1, client):
+            vip, inside = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
+            tbl = table(vip, [b1])
+            dp = MmsgDatapath()
+            await dp.open_inside(inside, ReturnPath([tbl], own_addresses=[inside]))
+            router = Router(tbl)
+            port = await dp.open_vip("svc", vip, router)
+            monkeypatch.setattr(SendArray, "send", lambda self, fd, start, count: (0, errno.EAGAIN))
+            monkeypatch.setattr("lb.adapters.mmsg_datapath._wait_writable", lambda fd, seconds: False)
+            for i in range(10):
+                client.sendto(short_header(cid_of(1, i)), vip)
+            await until(lambda: dp.stats().rx_client_datagrams == 10, "received")
+            s = dp.stats()
+            assert s.drops == {"tx_queue_full": 10}
+            assert s.tx_to_backend[("svc", "0001")] == 0
+            assert s.backend_unreachable == {}
+            assert port.rx == 10
+            dp.close()
+
+    run(body)
+
+
+def test_adapter_rx_equals_router_outcomes_plus_adapter_drops() -> None:
+    async def body() -> None:
+        with sockets(udp(), udp()) as (b1, client):
+            vip, inside = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
+            tbl = table(vip, [b1])
+            dp = MmsgDatapath()
+            await dp.open_inside(inside, ReturnPath([tbl], own_addresses=[inside]))
+            router = Router(tbl)
+            await dp.open_vip("svc", vip, router)
+            mix = [b"", b"\x00", short_header(cid_of(1)), short_header(cid_of(7)), initial(1, b"\x01" * 8, b"")]
+            for i in range(200):
+                client.sendto(mix[i % len(mix)], vip)
+            await until(lambda: dp.stats().rx_client_datagrams == 200, "received")
+            stats, rs = dp.stats(), router.stats()
+            assert stats.rx_client_datagrams == rs.total_outcomes() + sum(stats.drops.values())
+            assert rs.outcomes[Outcome.FALLBACK_INITIAL] == 40
+            dp.close()
+
+    run(body)
+
+
+def test_a_cut_header_never_matches_a_remembered_one() -> None:
+    # The receive slot still holds the previous reply's bytes past a short datagram's end: a
+    # reply cut inside its (IPv6, 52-byte) header must be rejected, not matched against the cache.
+    async def body() -> None:
+        with sockets(udp("::1"), udp("::1")) as (b1, client):
+            vip, inside = ("::1", free_port("::1")), ("::1", free_port("::1"))
+            tbl = table(vip, [b1])
+            rp = ReturnPath([tbl], own_addresses=[inside])
+            dp = MmsgDatapath()
+            await dp.open_inside(inside, rp)
+            await dp.open_vip("svc", vip, Router(tbl))
+            reply = encode_proxy_header(client.getsockname()[:2], vip) + b"y" * 40
+            b1.sendto(reply, inside)
+            await until(lambda: rp.stats().tx_to_client == 1, "first reply")
+            b1.sendto(reply[:40], inside)
+            await until(lambda: dp.stats().rx_backend_datagrams == 2, "cut reply received")
+            assert rp.stats().rejected == {"truncated": 1}
+            assert rp.stats().tx_to_client == 1
+            await until(lambda: len(drain(client)) == 0, "one reply only")
+            dp.close()
+
+    run(body)
