@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from backends.client import EchoClient
-from backends.testing import loopback_stack
+from quiclb_harness.loopback_stack import loopback_stack
 
 
 def test_hq_interop_get_returns_the_page_and_sized_bodies() -> None:

@@ -1,4 +1,4 @@
-"""In-process backends behind the fake LB relay, with real aioquic clients, on loopback.
+"""In-process backends behind the LB's routing core (quiclb_harness.loopback_stack), real aioquic clients, loopback.
 
 Acceptance items exercised here (backend side): R-4 (issued CIDs route, unknown-CID
 counter stays 0), R-14 (rebinding and migration survive on the same backend, with a
@@ -18,11 +18,11 @@ import pytest
 from backends.client import ClientError, EchoClient
 from backends.routable_cids import active_path_address, host_cids
 from backends.server import BackendServer
-from backends.testing import TEST_CID_CONFIG, LoopbackStack, loopback_stack
 from backends.tls import generate_self_signed
 from lb.core.addresses import canonical_host
 from lb.core.cid_decoder import decode_server_id
 from lb.core.encapsulation import encode_proxy_header
+from quiclb_harness.loopback_stack import TEST_CID_CONFIG, LoopbackStack, loopback_stack
 
 SIDS = (b"\x00\x01", b"\x00\x02")
 #: Seconds to wait for a condition that should hold almost at once on loopback.
@@ -116,7 +116,7 @@ def test_r4_every_issued_cid_routes(arun: Callable[..., Any], host: str) -> None
                 issued = backend.stats.issued_cids.get("0", 0)
                 assert issued >= owners.count(backend.settings.server_id) * (8 + rotations)
                 assert set(backend.stats.issued_cids) == {"0"}
-            assert stack.relay.counters["unroutable"] == 0
+            assert stack.lb.counters["unroutable"] == 0
 
     arun(scenario())
 
@@ -130,7 +130,7 @@ def test_s8_backend_sees_the_real_client_address(arun: Callable[..., Any]) -> No
             backend = stack.backends[0]
             (path,) = server_paths(backend)
             assert (canonical_host(path[0]), path[1]) == client.local_address
-            assert tuple(path) != stack.relay.inside
+            assert tuple(path) != stack.lb.inside
 
     arun(scenario())
 
@@ -176,9 +176,9 @@ def test_r14_rebinding_and_migration_survive(arun: Callable[..., Any], host: str
             assert len(set(client.wire.local_addresses)) == 7
             if host == "127.0.0.1":
                 assert client.local_address[0] == "127.0.0.2"
-            # Same backend for every address the client used, per the relay's routing.
+            # Same backend for every address the client used, per the LB core's routing.
             for address in client.wire.local_addresses:
-                assert stack.relay.routed[(address[0], address[1])] == {sid}
+                assert stack.lb.routed[(address[0], address[1])] == {sid}
             assert_routes_to(client, sid)
             assert backend.stats.connections_total == total  # no new connection was made
 
@@ -189,7 +189,7 @@ def test_r14_rebinding_and_migration_survive(arun: Callable[..., Any], host: str
             assert sum(b.stats.connections_total for b in stack.backends) == 20
             for b in stack.backends:
                 assert b.stats.unknown_cid_packets == 0
-            assert stack.relay.counters["unroutable"] == 0
+            assert stack.lb.counters["unroutable"] == 0
 
     arun(scenario())
 
@@ -218,7 +218,7 @@ def test_s8_only_lb_sources_are_accepted(arun: Callable[..., Any]) -> None:
             assert backend.stats.encap_rejected == {"source": 3, "proxy_signature": 1}
             assert backend.stats.unknown_cid_packets == 1
             assert backend.stats.datagrams_out == 0  # nothing answered, nothing reflected
-            # A real client still works through the relay.
+            # A real client still works through the LB.
             async with EchoClient.connect(*stack.vip, cadata=stack.cadata) as client:
                 assert await client.echo(b"ok") == b"ok"
             assert backend.stats.unknown_cid_packets == 1

@@ -18,10 +18,10 @@ from backends.dsr import DirectReturnSender, build_ipv4_udp, udp_checksum_ipv4
 from backends.metrics import MetricsServer, render_prometheus
 from backends.settings import RETURN_DIRECT, RETURN_VIA_LB, BackendSettings
 from backends.stats import BackendStats
-from backends.testing import TEST_CID_CONFIG, loopback_stack
 from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import decode_server_id
 from lb.errors import ConfigError
+from quiclb_harness.loopback_stack import TEST_CID_CONFIG, loopback_stack
 
 SID = b"\x00\x01"
 CONFIG_1 = CidConfig(config_id=1, server_id_len=2, nonce_len=14, key=bytes(range(16)))
@@ -73,7 +73,7 @@ def test_direct_return_sends_from_the_vip(arun: Callable[..., Any]) -> None:
             assert await client.echo(big) == big
             await client.migrate("127.0.0.2")
             assert await client.echo(b"moved") == b"moved"
-            assert stack.relay.counters["to_client"] == 0  # nothing came back through the relay
+            assert stack.lb.counters["to_client"] == 0  # nothing came back through the relay
             backend = stack.backends[0]
             assert backend.stats.datagrams_out > 0
             assert backend.stats.unknown_cid_packets == 0
@@ -144,13 +144,13 @@ def test_reload_changes_lb_sources_and_return_mode(arun: Callable[..., Any]) -> 
             assert backend.stats.encap_rejected == {"proxy_signature": 1}  # accepted as LB, bad header
             if raw_sockets_allowed():
                 backend.apply_settings(dataclasses.replace(backend.settings, return_mode=RETURN_DIRECT))
-                relayed = stack.relay.counters["to_client"]
+                relayed = stack.lb.counters["to_client"]
                 assert await client.echo(b"direct now") == b"direct now"
-                assert stack.relay.counters["to_client"] == relayed
+                assert stack.lb.counters["to_client"] == relayed
             backend.apply_settings(dataclasses.replace(backend.settings, return_mode=RETURN_VIA_LB))
-            relayed = stack.relay.counters["to_client"]
+            relayed = stack.lb.counters["to_client"]
             assert await client.echo(b"via lb again") == b"via lb again"
-            assert stack.relay.counters["to_client"] > relayed
+            assert stack.lb.counters["to_client"] > relayed
             assert backend.stats.reloads >= 2
 
     arun(scenario())

@@ -16,10 +16,10 @@ import pytest
 
 from backends.cli import main
 from backends.client import EchoClient
-from backends.testing import FakeLbRelay
 from lb.control.keys import write_key_file
 from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import decode_server_id
+from quiclb_harness.loopback_stack import LoopbackLb
 
 KEY_0 = bytes.fromhex("8f95f09245765f80256934e50c66207f")
 KEY_1 = bytes.fromhex("0123456789abcdef0123456789abcdef")
@@ -88,7 +88,7 @@ address = "127.0.0.1:{ports[1]}"
     )
 
 
-def make_config(tmp_path: Path, relay: FakeLbRelay | None = None) -> Path:
+def make_config(tmp_path: Path, relay: LoopbackLb | None = None) -> Path:
     write_key_file(tmp_path / "k0.key", KEY_0)
     write_key_file(tmp_path / "k1.key", KEY_1)
     write_key_file(tmp_path / "k2.key", bytes(range(16)))
@@ -129,7 +129,7 @@ def metric(text: str, name: str) -> float:
 
 def test_cli_serves_reloads_and_stops(tmp_path: Path, arun: Callable[..., Any]) -> None:
     async def scenario() -> None:
-        relay = FakeLbRelay(cid_configs=(CFG_0, CFG_1))
+        relay = LoopbackLb(cid_configs=(CFG_0, CFG_1))
         await relay.start()
         config = make_config(tmp_path, relay)
         cert = tmp_path / "cert.pem"
@@ -149,7 +149,7 @@ def test_cli_serves_reloads_and_stops(tmp_path: Path, arun: Callable[..., Any]) 
             assert len(ready["spki"]) == 44  # base64 of 32 bytes
             address = split_address(ready["address"])
             metrics_at = split_address(ready["metrics"])
-            relay.backends[b"\x00\x01"] = address
+            relay.add_backend(b"\x00\x01", address)
 
             async with EchoClient.connect(*relay.vip, cafile=str(cert)) as old:
                 assert await old.echo(b"hello") == b"hello"

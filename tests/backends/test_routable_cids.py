@@ -22,12 +22,12 @@ from backends.routable_cids import (
     peer_cids,
     unique_cid_source,
 )
-from backends.testing import TEST_CID_CONFIG
 from backends.tls import generate_self_signed
 from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import decode_server_id
 from lb.core.cid_issuer import CidIssuer
 from lb.core.quic_constants import QUIC_V2
+from quiclb_harness.loopback_stack import TEST_CID_CONFIG
 
 CLIENT_ADDR = ("127.0.0.1", 40000)
 SERVER_ADDR = ("127.0.0.1", 4433)

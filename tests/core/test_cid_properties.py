@@ -154,7 +154,9 @@ def test_free_low_bits_without_self_encoding() -> None:
     assert encode_cid(cfg, b"abc", bytes(4), low_bits=5)[0] == (3 << 5) | 5
 
 
-@pytest.mark.parametrize(("sid_len", "nonce_len", "aes_calls"), [(3, 4, 3), (4, 4, 3), (5, 4, 4), (7, 4, 4), (2, 12, 3)])
+@pytest.mark.parametrize(
+    ("sid_len", "nonce_len", "aes_calls"), [(3, 4, 3), (4, 4, 3), (5, 4, 4), (7, 4, 4), (2, 12, 3)]
+)
 def test_four_pass_decryption_skips_pass_1_when_the_server_id_lies_in_left_0(
     sid_len: int, nonce_len: int, aes_calls: int
 ) -> None:
