@@ -19,12 +19,11 @@ import pytest
 
 from backends.client import EchoClient
 from lb.core.encapsulation import encode_proxy_header
+from lb.core.quic_constants import GREASE_VERSION
 from lb.core.quic_header import parse_routing_fields_untrusted
 from quiclb_harness.admin_client import metric_sum
 from quiclb_harness.datagrams import initial, long_header, short_header
 from quiclb_harness.quic_cluster import QuicCluster
-
-GREASED = 0x1A2A3A4A
 
 
 @pytest.fixture
@@ -44,7 +43,7 @@ def victim_socket() -> socket.socket:
     return s
 
 
-def unknown_version(size: int, dcid: bytes, version: int = GREASED) -> bytes:
+def unknown_version(size: int, dcid: bytes, version: int = GREASE_VERSION) -> bytes:
     datagram = long_header(version, dcid, b"\x01" * 8, first_byte=0xC0, pad_to=max(size, 0))
     return datagram[:size] if size < len(datagram) else datagram
 
