@@ -16,9 +16,9 @@ in-memory network of the tests. The glue is the same in both:
 Counting sends honestly: asyncio and uvloop both report a failed ``sendto``
 to the protocol's ``error_received`` instead of raising (EMSGSIZE for a
 datagram whose header pushes it over the UDP limit, EACCES for a broadcast
-destination), and asyncio closes the whole transport on a family mismatch.
-:class:`_SocketEndpoint` therefore checks the family first and turns an error
-reported *during* its own ``sendto`` call into an ``OSError``, so a refused
+destination, a backend of the other address family). :class:`_SocketEndpoint`
+therefore turns an error reported *during* its own ``sendto`` call into an
+``OSError`` (uvloop raises ``ValueError`` for some itself), so a refused
 send is counted as ``backend_unreachable`` / ``tx_to_client_errors``, never as
 sent. Errors the kernel reports later (ICMP) carry no datagram; they are
 counted per socket in ``socket_errors``.
@@ -63,11 +63,10 @@ OpenEndpoint = Callable[[Address, DatagramHandler, ErrorHandler, bool], Awaitabl
 class _SocketEndpoint(asyncio.DatagramProtocol):
     """An asyncio/uvloop (or batched) transport behind the :class:`Endpoint` surface."""
 
-    def __init__(self, on_datagram: DatagramHandler, on_error: ErrorHandler, address: Address, v6: bool) -> None:
+    def __init__(self, on_datagram: DatagramHandler, on_error: ErrorHandler, address: Address) -> None:
         self.datagram_received = on_datagram  # type: ignore[method-assign,assignment]  # no extra frame per datagram
         self._on_error = on_error
         self.address = address
-        self._v6 = v6
         self._sending = False
         self._send_error: Exception | None = None
         self.transport: asyncio.DatagramTransport | None = None
@@ -83,8 +82,6 @@ class _SocketEndpoint(asyncio.DatagramProtocol):
             self._on_error(exc)
 
     def sendto(self, data: bytes, address: Address) -> None:
-        if (":" in address[0]) != self._v6:
-            raise OSError(errno.EAFNOSUPPORT, f"cannot send to {address[0]} from an IPv{6 if self._v6 else 4} socket")
         transport = self.transport
         assert transport is not None
         self._sending = True
@@ -115,9 +112,7 @@ def socket_opener(io: str = "asyncio") -> OpenEndpoint:
         address: Address, on_datagram: DatagramHandler, on_error: ErrorHandler, reuse_port: bool
     ) -> Endpoint:
         sock = bind_udp(address, reuse_port=reuse_port)
-        endpoint = _SocketEndpoint(
-            on_datagram, on_error, normalize_address(sock.getsockname()[:2]), ":" in address[0]
-        )
+        endpoint = _SocketEndpoint(on_datagram, on_error, normalize_address(sock.getsockname()[:2]))
         try:
             await open_datagram_port(sock, lambda: endpoint, io)
         except BaseException:

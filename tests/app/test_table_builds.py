@@ -1,0 +1,86 @@
+"""Tables built off the event loop are the tables a synchronous build gives, and only changed rings are built."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from lb.control.config import load_config
+from lb.control.table_builder import TableBuilder, build_tables, same_routing
+from lb.core.service_table import Backend, build_service_table
+from quiclb_harness.deployment import BackendSpec, Deployment, ServiceSpec
+
+
+def _deployment(tmp_path: Path) -> Deployment:
+    dep = Deployment(directory=tmp_path, admin=False, services=[
+        ServiceSpec(name=f"svc{i}", backends=[BackendSpec(f"{j:04x}") for j in range(1, 5)]) for i in range(3)
+    ])
+    dep.write()
+    return dep
+
+
+def test_a_build_in_a_process_pool_equals_the_synchronous_build(tmp_path: Path) -> None:
+    cfg = load_config(_deployment(tmp_path).path)
+    unhealthy = frozenset({("svc1", b"\x00\x02")})
+
+    async def main() -> None:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            off_loop = await TableBuilder(executor=pool).build_async(cfg, unhealthy, now=0.0)
+        # The reference: the core's own one-shot build, no ring memory, no executor.
+        inline = {
+            svc.name: build_service_table(
+                name=svc.name, vip=svc.vip, cid_configs=svc.cid_configs, fallback_key=svc.fallback_key,
+                maglev_size=cfg.lb.maglev_size,
+                backends=[Backend(b.server_id, b.address, healthy=(svc.name, b.server_id) not in unhealthy)
+                          for b in svc.backends],
+            )
+            for svc in cfg.services
+        }
+        assert off_loop.keys() == inline.keys()
+        for name, table in off_loop.items():
+            assert table.maglev == inline[name].maglev  # names, key, size and every slot
+            assert table.maglev.slots.tobytes() == inline[name].maglev.slots.tobytes()
+            assert dict(table.backends) == dict(inline[name].backends)
+        assert b"\x00\x02" not in off_loop["svc1"].fallback_backends
+
+    asyncio.run(main())
+
+
+def test_only_rings_whose_inputs_changed_are_built(tmp_path: Path) -> None:
+    cfg = load_config(_deployment(tmp_path).path)
+    builder = TableBuilder()
+    first = builder.build_now(cfg, frozenset(), now=0.0)
+    assert builder.stats().fallback_table_builds == 3
+    flapped = builder.build_now(cfg, frozenset({("svc0", b"\x00\x01")}), now=0.0)
+    assert builder.stats().fallback_table_builds == 4  # svc0 only
+    assert same_routing(first["svc1"], flapped["svc1"]) and not same_routing(first["svc0"], flapped["svc0"])
+    back = builder.build_now(cfg, frozenset(), now=0.0)
+    assert builder.stats().fallback_table_builds == 4  # the healthy ring was kept
+    assert back["svc0"].maglev is first["svc0"].maglev
+
+
+def test_tombstones_expire_by_now_without_a_ring_build(tmp_path: Path) -> None:
+    dep = _deployment(tmp_path)
+    old = load_config(dep.path)
+    dep.services[0].backends.pop()
+    dep.write()
+    new = load_config(dep.path)
+    builder = TableBuilder(tombstone_seconds=10.0)
+    builder.build_now(old, frozenset(), now=0.0)
+    builder.note_reload(old, new, now=100.0)
+    tables = builder.build_now(new, frozenset(), now=105.0)
+    assert tables["svc0"].tombstones == {b"\x00\x04"}
+    builds = builder.stats().fallback_table_builds
+    assert builder.expire(110.0)
+    later = builder.build_now(new, frozenset(), now=110.0)
+    assert later["svc0"].tombstones == frozenset()
+    assert builder.stats().fallback_table_builds == builds
+
+
+def test_the_pure_build_drops_tombstones_whose_time_has_come(tmp_path: Path) -> None:
+    cfg = load_config(_deployment(tmp_path).path)
+    stones = {"svc0": {b"\x00\x09": (110.0, ("127.0.0.1", 9))}}
+    assert build_tables(cfg, frozenset(), stones, now=105.0)["svc0"].tombstones == {b"\x00\x09"}
+    assert build_tables(cfg, frozenset(), stones, now=110.0)["svc0"].tombstones == frozenset()
