@@ -42,7 +42,7 @@ from backends.routable_cids import install_routable_cids, is_live_cid, is_unknow
 from backends.settings import RETURN_DIRECT, Address, BackendSettings, source_matcher
 from backends.stats import BackendStats
 from backends.tls import TlsIdentity, identity_for
-from lb.core.addresses import canonical_host
+from lb.core.addresses import canonical_host, ip_version
 from lb.core.cid_issuer import CidIssuer
 from lb.core.encapsulation import ProxyHeaderEncoder, decapsulate_untrusted
 from lb.errors import ConfigError, MalformedDatagram
@@ -190,7 +190,7 @@ class BackendServer:
             configuration=self._quic_config, create_protocol=self._create_protocol, retry=False
         )
         host, port = self.settings.address
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        family = socket.AF_INET6 if ip_version(host) == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lb.control.keys import generate_key, write_key_file
+from lb.core.addresses import format_address, ip_version
 
 
 def free_udp_port(host: str = "127.0.0.1", hold: list[socket.socket] | None = None) -> int:
@@ -20,7 +21,7 @@ def free_udp_port(host: str = "127.0.0.1", hold: list[socket.socket] | None = No
     next call cannot return the same port; close them all once every port is
     chosen.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = socket.AF_INET6 if ip_version(host) == 6 else socket.AF_INET
     s = socket.socket(family, socket.SOCK_DGRAM)
     s.bind((host, 0))
     port = int(s.getsockname()[1])
@@ -32,14 +33,10 @@ def free_udp_port(host: str = "127.0.0.1", hold: list[socket.socket] | None = No
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = socket.AF_INET6 if ip_version(host) == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass
@@ -135,7 +132,8 @@ class Deployment:
         token = d / "admin.token"
         if self.admin and not token.exists():
             write_key_file(token)  # 32 hex chars of `secrets`, mode 0600: a fine bearer token
-        lines = [f"version = {self.version}", "", "[lb]", f'inside = "{fmt(self.inside_host, self.inside_port)}"',
+        inside = format_address((self.inside_host, self.inside_port))
+        lines = [f"version = {self.version}", "", "[lb]", f'inside = "{inside}"',
                  f'return_mode = "{self.return_mode}"', f'unroutable_short_header = "{self.unroutable_short_header}"',
                  f"health_interval = {self.health_interval}", f"health_timeout = {self.health_timeout}",
                  f"health_threshold = {self.health_threshold}"]
@@ -148,7 +146,8 @@ class Deployment:
         for svc in self.services:
             if svc.vip_port == 0:
                 svc.vip_port = free_udp_port(svc.vip_host, held)
-            lines += ["", "[[service]]", f'name = "{svc.name}"', f'vip = "{fmt(svc.vip_host, svc.vip_port)}"']
+            vip = format_address((svc.vip_host, svc.vip_port))
+            lines += ["", "[[service]]", f'name = "{svc.name}"', f'vip = "{vip}"']
             if self.tls:
                 lines += ['certificate = "tls/cert.pem"', 'private_key = "tls/key.pem"']
             for c in svc.cid_configs:
@@ -168,7 +167,7 @@ class Deployment:
                 if b.port == 0:
                     b.port = free_udp_port(b.host, held)
                 lines += ["", "[[service.backend]]", f'server_id = "{b.server_id}"',
-                          f'address = "{fmt(b.host, b.port)}"', f'state = "{b.state}"']
+                          f'address = "{format_address((b.host, b.port))}"', f'state = "{b.state}"']
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(self.path)  # atomic: a reload never reads a half-written file

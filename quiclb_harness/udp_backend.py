@@ -11,6 +11,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
+from lb.core.addresses import ip_version
 from lb.core.encapsulation import decapsulate_untrusted, encode_proxy_header
 from lb.core.quic_constants import is_reserved_version
 from lb.core.quic_header import parse_routing_fields_untrusted
@@ -48,7 +49,7 @@ class UdpTestBackend:
 
     def __init__(self, address: tuple[str, int], server_id: str, lb_inside: tuple[str, int], *,
                  reply: bool = True) -> None:
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        family = socket.AF_INET6 if ip_version(address[0]) == 6 else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.sock.bind(address)
