@@ -1,46 +1,116 @@
-/* udp_blast: paced UDP load generator for bench/load_compare.py.
+/* udp_blast: UDP load generator for the load benchmark (bench/load_bench.py).
  *
- *   udp_blast --target 127.0.0.1:PORT --file DATAGRAMS --rate R --seconds S
- *             [--sockets K] [--chunk N] [--cpu C]
+ *   udp_blast --target 127.0.0.1:PORT (--file DATAGRAMS | --heads HEADS --size S)
+ *             --rate R --seconds S [--sockets K] [--chunk N] [--start I] [--cpu C]
+ *             [--replies] [--linger SECONDS]
  *
- * DATAGRAMS holds pre-built datagrams, each as a 2-byte big-endian length and
- * the bytes. They are sent round-robin with sendmmsg, in chunks, from K
- * connected sockets with distinct source ports (so a SO_REUSEPORT group on
- * the target would spread them). Pacing is an absolute schedule: chunk i
- * leaves at start + i*N/R; a generator that falls more than 2 ms behind
- * forgives the backlog instead of bursting it. --rate 0 sends as fast as
- * possible. The chunk defaults to R/10000 (1..64): about 10k sendmmsg calls
- * a second, so bursts stay short. Bounded by --seconds.
+ * Every datagram is prebuilt, so the generator does nothing per datagram but
+ * point an iovec at it: that is what lets it outrun the targets it loads.
  *
- * Prints one JSON line: {"sent": N, "seconds": T, "errors": E, ...}.
+ * --file: 2-byte big-endian length + bytes, repeated (mixed sizes allowed).
+ * --heads: a 2-byte big-endian head length H, then heads of H bytes each
+ *   (first octet + DCID); each datagram is [head, shared padding to S bytes],
+ *   sent as two iovecs. 1M distinct DCIDs then cost 18 MB, not 1.2 GB.
+ *
+ * Datagrams are sent in order from index --start, round robin over K
+ * connected sockets with distinct source ports. Pacing is an absolute
+ * schedule: chunk i leaves at start + i*N/R; a generator more than 20 ms
+ * behind forgives the backlog instead of bursting it, so "offered" (sent /
+ * seconds) is below the asked rate exactly when the generator is the limit.
+ * (2 ms was too tight on a VM: late timer wakeups alone forgave 10% at 50k/s.)
+ * --rate 0 sends as fast as possible (capacity probes).
+ *
+ * --replies: also count datagrams arriving on the sockets (a round trip
+ * through the target), drained between chunks and for up to --linger seconds
+ * after the last send (until 100 ms pass without one).
+ *
+ * Prints one JSON line: {"sent": N, "seconds": T, "errors": E, "received": R, ...}.
  */
 #include "udp_common.h"
 
+#include <poll.h>
 #include <sys/stat.h>
 
 #define MAX_CHUNK 64
 #define MAX_SOCKETS 64
-#define MAX_BACKLOG_SECONDS 0.002
+#define MAX_BACKLOG_SECONDS 0.020
+#define DRAIN_INTERVAL_SECONDS 0.0005
+#define RX_BATCH 64
+#define RX_BYTES 2048
+
+static int fds[MAX_SOCKETS];
+static int nsockets = 8;
+static unsigned long long received = 0;
+
+/* Read everything queued on every socket (MSG_DONTWAIT); returns how many datagrams. */
+static unsigned drain_replies(void) {
+    static char bufs[RX_BATCH][RX_BYTES];
+    static struct iovec iov[RX_BATCH];
+    static struct mmsghdr msgs[RX_BATCH];
+    static int ready = 0;
+    if (!ready) {
+        for (int i = 0; i < RX_BATCH; i++) {
+            iov[i].iov_base = bufs[i];
+            iov[i].iov_len = RX_BYTES;
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        ready = 1;
+    }
+    unsigned got = 0;
+    for (int s = 0; s < nsockets; s++) {
+        for (;;) {
+            int r = recvmmsg(fds[s], msgs, RX_BATCH, MSG_DONTWAIT, NULL);
+            if (r <= 0) break;
+            got += (unsigned)r;
+            if (r < RX_BATCH) break;
+        }
+    }
+    received += got;
+    return got;
+}
+
+static unsigned char *read_file(const char *path, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) die("open datagram file");
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0) die("stat");
+    unsigned char *blob = malloc((size_t)st.st_size + 1);
+    if (blob == NULL || fread(blob, 1, (size_t)st.st_size, f) != (size_t)st.st_size) die("read datagram file");
+    fclose(f);
+    *size = (size_t)st.st_size;
+    return blob;
+}
 
 int main(int argc, char **argv) {
-    const char *target = NULL, *file = NULL;
-    double rate = 0, seconds = 1;
-    int sockets = 8, chunk = 0, cpu = -1;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--target")) target = argv[i + 1];
-        else if (!strcmp(argv[i], "--file")) file = argv[i + 1];
-        else if (!strcmp(argv[i], "--rate")) rate = atof(argv[i + 1]);
-        else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
-        else if (!strcmp(argv[i], "--sockets")) sockets = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--chunk")) chunk = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--cpu")) cpu = atoi(argv[i + 1]);
+    const char *target = NULL, *file = NULL, *heads = NULL;
+    double rate = 0, seconds = 1, linger = 0.5;
+    int chunk = 0, cpu = -1, size = 0, replies = 0;
+    long long start_index = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--replies")) { replies = 1; continue; }
+        if (i + 1 >= argc) die_msg("missing option value");
+        const char *v = argv[++i];
+        if (!strcmp(argv[i - 1], "--target")) target = v;
+        else if (!strcmp(argv[i - 1], "--file")) file = v;
+        else if (!strcmp(argv[i - 1], "--heads")) heads = v;
+        else if (!strcmp(argv[i - 1], "--size")) size = atoi(v);
+        else if (!strcmp(argv[i - 1], "--rate")) rate = atof(v);
+        else if (!strcmp(argv[i - 1], "--seconds")) seconds = atof(v);
+        else if (!strcmp(argv[i - 1], "--sockets")) nsockets = atoi(v);
+        else if (!strcmp(argv[i - 1], "--chunk")) chunk = atoi(v);
+        else if (!strcmp(argv[i - 1], "--start")) start_index = atoll(v);
+        else if (!strcmp(argv[i - 1], "--linger")) linger = atof(v);
+        else if (!strcmp(argv[i - 1], "--cpu")) cpu = atoi(v);
         else die_msg("unknown option");
     }
-    if (target == NULL || file == NULL) die_msg("usage: udp_blast --target HOST:PORT --file F --rate R --seconds S");
+    if (target == NULL || (file == NULL) == (heads == NULL))
+        die_msg("usage: udp_blast --target HOST:PORT (--file F | --heads F --size S) --rate R --seconds S");
     if (seconds <= 0 || seconds > 600) die_msg("--seconds must be in (0, 600]");
+    if (linger < 0 || linger > 10) die_msg("--linger must be in [0, 10]");
     if (rate < 0) die_msg("--rate must be >= 0");
-    if (sockets < 1 || sockets > MAX_SOCKETS) die_msg("--sockets must be 1..64");
-    if (chunk <= 0) chunk = rate > 0 ? (int)(rate / 10000) : MAX_CHUNK;
+    if (nsockets < 1 || nsockets > MAX_SOCKETS) die_msg("--sockets must be 1..64");
+    if (chunk <= 0) chunk = rate > 0 ? (int)(rate / 5000) : MAX_CHUNK;
     if (chunk < 1) chunk = 1;
     if (chunk > MAX_CHUNK) chunk = MAX_CHUNK;
     die_with_parent();
@@ -50,33 +120,48 @@ int main(int argc, char **argv) {
     struct sockaddr_in dst;
     parse_loopback(target, &dst);
 
-    /* Load the datagrams. */
-    FILE *f = fopen(file, "rb");
-    if (f == NULL) die("open datagram file");
-    struct stat st;
-    if (fstat(fileno(f), &st) != 0) die("stat");
-    unsigned char *blob = malloc((size_t)st.st_size + 1);
-    if (blob == NULL || fread(blob, 1, (size_t)st.st_size, f) != (size_t)st.st_size) die("read datagram file");
-    fclose(f);
-    size_t count = 0;
-    for (size_t off = 0; off + 2 <= (size_t)st.st_size;) {
-        size_t len = ((size_t)blob[off] << 8) | blob[off + 1];
-        off += 2 + len;
-        if (off > (size_t)st.st_size) die_msg("truncated datagram file");
-        count++;
-    }
-    if (count == 0) die_msg("empty datagram file");
-    struct iovec *dgrams = calloc(count, sizeof *dgrams);
-    size_t k = 0;
-    for (size_t off = 0; k < count; k++) {
-        size_t len = ((size_t)blob[off] << 8) | blob[off + 1];
-        dgrams[k].iov_base = blob + off + 2;
-        dgrams[k].iov_len = len;
-        off += 2 + len;
+    /* Each datagram is one or two iovecs: [bytes] (--file) or [head, padding] (--heads). */
+    size_t blob_size, count = 0;
+    unsigned char *blob = read_file(file ? file : heads, &blob_size);
+    struct iovec *iovs;
+    int per = 1;
+    if (file != NULL) {
+        for (size_t off = 0; off + 2 <= blob_size;) {
+            size_t len = ((size_t)blob[off] << 8) | blob[off + 1];
+            off += 2 + len;
+            if (off > blob_size) die_msg("truncated datagram file");
+            count++;
+        }
+        if (count == 0) die_msg("empty datagram file");
+        iovs = calloc(count, sizeof *iovs);
+        if (iovs == NULL) die("calloc");
+        size_t off = 0;
+        for (size_t k = 0; k < count; k++) {
+            size_t len = ((size_t)blob[off] << 8) | blob[off + 1];
+            iovs[k].iov_base = blob + off + 2;
+            iovs[k].iov_len = len;
+            off += 2 + len;
+        }
+    } else {
+        if (blob_size < 2) die_msg("empty heads file");
+        size_t hlen = ((size_t)blob[0] << 8) | blob[1];
+        if (hlen == 0 || (blob_size - 2) % hlen != 0) die_msg("heads file: size is not a multiple of the head length");
+        if (size < (int)hlen || size > 65507) die_msg("--size must be >= the head length and <= 65507");
+        count = (blob_size - 2) / hlen;
+        static unsigned char pad[65507];
+        for (int i = 0; i < size; i++) pad[i] = (unsigned char)(i * 131 + 7); /* fixed filler */
+        per = 2;
+        iovs = calloc(2 * count, sizeof *iovs);
+        if (iovs == NULL) die("calloc");
+        for (size_t k = 0; k < count; k++) {
+            iovs[2 * k].iov_base = blob + 2 + k * hlen;
+            iovs[2 * k].iov_len = hlen;
+            iovs[2 * k + 1].iov_base = pad;
+            iovs[2 * k + 1].iov_len = (size_t)size - hlen;
+        }
     }
 
-    int fds[MAX_SOCKETS];
-    for (int s = 0; s < sockets; s++) {
+    for (int s = 0; s < nsockets; s++) {
         fds[s] = socket(AF_INET, SOCK_DGRAM, 0);
         if (fds[s] < 0) die("socket");
         set_buffers(fds[s], SOCKET_BUFFER_BYTES);
@@ -88,11 +173,14 @@ int main(int argc, char **argv) {
     struct mmsghdr msgs[MAX_CHUNK];
     memset(msgs, 0, sizeof msgs);
     unsigned long long sent = 0, errors = 0, calls = 0, forgiven = 0;
-    size_t next = 0;
+    size_t next = (size_t)(start_index % (long long)count);
     int sock = 0;
-    double start = now_seconds(), deadline = start + seconds, now = start;
+    double start = now_seconds(), deadline = start + seconds, now = start, last_drain = start;
     while ((now = now_seconds()) < deadline) {
-        int n = chunk;
+        if (replies && now - last_drain >= DRAIN_INTERVAL_SECONDS) {
+            drain_replies();
+            last_drain = now;
+        }
         if (rate > 0) {
             double earned = (now - start) * rate - (double)forgiven;
             if (earned - (double)sent > rate * MAX_BACKLOG_SECONDS + chunk) {
@@ -103,19 +191,20 @@ int main(int argc, char **argv) {
             if (earned < (double)(sent + (unsigned long long)chunk)) {
                 double due = start + ((double)(sent + (unsigned long long)chunk + forgiven)) / rate;
                 if (due > deadline) due = deadline;
+                if (replies && due - now > DRAIN_INTERVAL_SECONDS) due = now + DRAIN_INTERVAL_SECONDS;
                 struct timespec ts = {.tv_sec = (time_t)due, .tv_nsec = (long)((due - (double)(time_t)due) * 1e9)};
                 clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
                 continue;
             }
         }
-        for (int i = 0; i < n; i++) {
-            msgs[i].msg_hdr.msg_iov = &dgrams[next];
-            msgs[i].msg_hdr.msg_iovlen = 1;
+        for (int i = 0; i < chunk; i++) {
+            msgs[i].msg_hdr.msg_iov = &iovs[per * next];
+            msgs[i].msg_hdr.msg_iovlen = (size_t)per;
             if (++next == count) next = 0;
         }
         int done = 0;
-        while (done < n) {
-            int r = sendmmsg(fds[sock], msgs + done, (unsigned)(n - done), 0);
+        while (done < chunk) {
+            int r = sendmmsg(fds[sock], msgs + done, (unsigned)(chunk - done), 0);
             calls++;
             if (r < 0) {
                 if (errno == EINTR) continue;
@@ -126,11 +215,19 @@ int main(int argc, char **argv) {
             done += r;
             sent += (unsigned long long)r;
         }
-        if (++sock == sockets) sock = 0;
+        if (++sock == nsockets) sock = 0;
     }
     double elapsed = now_seconds() - start;
-    printf("{\"sent\": %llu, \"seconds\": %.6f, \"errors\": %llu, \"rate_target\": %.0f, \"chunk\": %d, "
-           "\"sockets\": %d, \"calls\": %llu, \"forgiven\": %llu, \"distinct\": %zu}\n",
-           sent, elapsed, errors, rate, chunk, sockets, calls, forgiven, count);
+    if (replies) { /* the last replies are still crossing the target */
+        double quiet_since = now_seconds(), stop_at = quiet_since + linger;
+        while ((now = now_seconds()) < stop_at && now - quiet_since < 0.1) {
+            if (drain_replies() > 0) quiet_since = now;
+            else usleep(1000);
+        }
+    }
+    printf("{\"sent\": %llu, \"seconds\": %.6f, \"errors\": %llu, \"received\": %llu, \"rate_target\": %.0f, "
+           "\"chunk\": %d, \"sockets\": %d, \"calls\": %llu, \"forgiven\": %llu, \"distinct\": %zu, "
+           "\"end_index\": %zu}\n",
+           sent, elapsed, errors, received, rate, chunk, nsockets, calls, forgiven, count, next);
     return 0;
 }

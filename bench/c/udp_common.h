@@ -1,4 +1,4 @@
-/* Shared helpers for the load-benchmark tools (bench/load_compare.py builds them).
+/* Shared helpers for the load-benchmark tools (bench/load_bench.py builds them).
  *
  * Loopback only: every address these tools accept must be in 127.0.0.0/8
  * (acceptance.md §2, "Local traffic only"). Every tool is bounded by a

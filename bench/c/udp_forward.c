@@ -1,7 +1,8 @@
-/* udp_forward: the C ceiling for bench/load_compare.py.
+/* udp_forward: the C ceiling for bench/load_bench.py.
  *
  *   udp_forward --listen 127.0.0.1:PORT --to 127.0.0.1:P1[,127.0.0.1:P2...]
  *               [--prefix 28|0] [--batch 64] [--seconds MAX] [--cpu C]
+ *               [--inside 127.0.0.1:PORT]
  *
  * recvmmsg on the listen socket, then one sendmmsg that forwards every
  * datagram of the batch to the destinations in turn: no parsing, no routing.
@@ -9,10 +10,17 @@
  * [28-byte PROXY v2 header, payload], the header filled from the datagram's
  * source address, which is the data-path shape of quiclb's forwarding (design
  * §4, §7) minus the CID decode. Buffers are 4 MiB, like the LB's sockets.
- * Prints "READY port=N" once bound; exits on SIGTERM, parent death or
+ * --inside adds quiclb's return path (design §4, via-lb): datagrams arriving
+ * there carry a 28-byte PROXY v2 header whose source is the client; the
+ * header is stripped by offset (iovec past it, no copy) and the payload sent
+ * to the client from the listen socket (the VIP). No trust check beyond the
+ * signature: this is the ceiling, not a product.
+ * Prints "READY port=N [inside=M]" once bound; exits on SIGTERM, parent death or
  * --seconds, printing {"received": N, "forwarded": F, "send_errors": E}.
  */
 #include "udp_common.h"
+
+#include <poll.h>
 
 #define MAX_BATCH 64
 #define MAX_DESTS 16
@@ -30,12 +38,13 @@ static const unsigned char PROXY_SIGNATURE[12] = {0x0D, 0x0A, 0x0D, 0x0A, 0x00, 
                                                   0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A};
 
 int main(int argc, char **argv) {
-    const char *listen_addr = NULL, *to = NULL;
+    const char *listen_addr = NULL, *to = NULL, *inside_addr = NULL;
     int prefix = PROXY_V2_INET_LEN, batch = MAX_BATCH, cpu = -1;
     double seconds = 600;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--listen")) listen_addr = argv[i + 1];
         else if (!strcmp(argv[i], "--to")) to = argv[i + 1];
+        else if (!strcmp(argv[i], "--inside")) inside_addr = argv[i + 1];
         else if (!strcmp(argv[i], "--prefix")) prefix = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
@@ -74,7 +83,20 @@ int main(int argc, char **argv) {
     setsockopt(in, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     socklen_t slen = sizeof listen_sa;
     getsockname(in, (struct sockaddr *)&listen_sa, &slen);
-    printf("READY port=%d\n", ntohs(listen_sa.sin_port));
+    int ret = -1;
+    struct sockaddr_in inside_sa;
+    if (inside_addr != NULL) {
+        parse_loopback(inside_addr, &inside_sa);
+        ret = socket(AF_INET, SOCK_DGRAM, 0);
+        if (ret < 0) die("socket");
+        set_buffers(ret, SOCKET_BUFFER_BYTES);
+        if (bind(ret, (struct sockaddr *)&inside_sa, sizeof inside_sa) != 0) die("bind inside");
+        slen = sizeof inside_sa;
+        getsockname(ret, (struct sockaddr *)&inside_sa, &slen);
+        printf("READY port=%d inside=%d\n", ntohs(listen_sa.sin_port), ntohs(inside_sa.sin_port));
+    } else {
+        printf("READY port=%d\n", ntohs(listen_sa.sin_port));
+    }
     fflush(stdout);
 
     static unsigned char bufs[MAX_BATCH][BUF_BYTES];
@@ -103,12 +125,68 @@ int main(int argc, char **argv) {
         siov[i][1].iov_base = bufs[i];
         smsgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
     }
+    static unsigned char rbufs[MAX_BATCH][BUF_BYTES];
+    struct sockaddr_in clients[MAX_BATCH];
+    struct iovec rriov[MAX_BATCH], rsiov[MAX_BATCH];
+    struct mmsghdr rrmsgs[MAX_BATCH], rsmsgs[MAX_BATCH];
+    memset(rrmsgs, 0, sizeof rrmsgs);
+    memset(rsmsgs, 0, sizeof rsmsgs);
+    for (int i = 0; i < MAX_BATCH; i++) {
+        rriov[i].iov_base = rbufs[i];
+        rriov[i].iov_len = BUF_BYTES;
+        rrmsgs[i].msg_hdr.msg_iov = &rriov[i];
+        rrmsgs[i].msg_hdr.msg_iovlen = 1;
+        rsiov[i].iov_base = rbufs[i] + PROXY_V2_INET_LEN;
+        rsmsgs[i].msg_hdr.msg_iov = &rsiov[i];
+        rsmsgs[i].msg_hdr.msg_iovlen = 1;
+        clients[i].sin_family = AF_INET;
+        rsmsgs[i].msg_hdr.msg_name = &clients[i];
+        rsmsgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
+    }
     unsigned long long received = 0, forwarded = 0, send_errors = 0;
+    unsigned long long returned_in = 0, returned = 0, return_rejected = 0;
     unsigned next_dest = 0;
     double deadline = now_seconds() + seconds;
+    struct pollfd pfds[2] = {{.fd = in, .events = POLLIN}, {.fd = ret, .events = POLLIN}};
     while (!stop_requested) {
+        if (ret >= 0) {
+            /* Both directions: wait for either socket, then serve the return path first. */
+            int p = poll(pfds, 2, 200);
+            if (p < 0 && errno != EINTR) die("poll");
+            if (now_seconds() >= deadline) break;
+            if (p <= 0) continue;
+            int m = (pfds[1].revents & POLLIN) ? recvmmsg(ret, rrmsgs, (unsigned)batch, MSG_DONTWAIT, NULL) : 0;
+            int k = 0;
+            for (int i = 0; i < m; i++) {
+                returned_in++;
+                const unsigned char *b = rbufs[i];
+                if (rrmsgs[i].msg_len < PROXY_V2_INET_LEN || memcmp(b, PROXY_SIGNATURE, 12) != 0) {
+                    return_rejected++;
+                    continue;
+                }
+                /* Compact the accepted replies into slots 0..k-1 (pointer swaps, not payload copies). */
+                memcpy(&clients[k].sin_addr, b + 16, 4);
+                memcpy(&clients[k].sin_port, b + 24, 2);
+                rsiov[k].iov_base = rbufs[i] + PROXY_V2_INET_LEN;
+                rsiov[k].iov_len = rrmsgs[i].msg_len - PROXY_V2_INET_LEN;
+                k++;
+            }
+            int done = 0;
+            while (done < k) {
+                int r = sendmmsg(in, rsmsgs + done, (unsigned)(k - done), 0);
+                if (r < 0) {
+                    if (errno == EINTR) continue;
+                    send_errors++;
+                    done++;
+                    continue;
+                }
+                done += r;
+                returned += (unsigned long long)r;
+            }
+            if (!(pfds[0].revents & POLLIN)) continue;
+        }
         for (int i = 0; i < batch; i++) rmsgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
-        int n = recvmmsg(in, rmsgs, (unsigned)batch, MSG_WAITFORONE, NULL);
+        int n = recvmmsg(in, rmsgs, (unsigned)batch, ret >= 0 ? MSG_DONTWAIT : MSG_WAITFORONE, NULL);
         if (n <= 0) {
             if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) die("recvmmsg");
             if (now_seconds() >= deadline) break;
@@ -145,6 +223,8 @@ int main(int argc, char **argv) {
         }
         if ((received & 0xFFF) < (unsigned long long)n && now_seconds() >= deadline) break;
     }
-    printf("{\"received\": %llu, \"forwarded\": %llu, \"send_errors\": %llu}\n", received, forwarded, send_errors);
+    printf("{\"received\": %llu, \"forwarded\": %llu, \"send_errors\": %llu, \"return_received\": %llu, "
+           "\"returned\": %llu, \"return_rejected\": %llu}\n",
+           received, forwarded, send_errors, returned_in, returned, return_rejected);
     return 0;
 }

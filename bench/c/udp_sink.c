@@ -1,6 +1,14 @@
-/* udp_sink: counts UDP datagrams on one or more loopback ports, for bench/load_compare.py.
+/* udp_sink: counts UDP datagrams on one or more loopback ports, for bench/load_bench.py.
  *
  *   udp_sink --ports P1,P2,... [--host 127.0.0.1] [--seconds MAX] [--cpu C]
+ *            [--reply-to HOST:PORT | --echo]
+ *
+ * --reply-to: a backend answering through the LB (design §4, return mode
+ * via-lb): each datagram is sent back, from the socket it arrived on, to the
+ * LB's inside address. The forward leg's PROXY v2 header already reads
+ * source = client, destination = VIP, which is exactly the reply header, so
+ * the datagram goes back unchanged. --echo: send it back to its sender (the
+ * "direct" path of the latency comparison).
  *
  * A port of 0 binds an ephemeral port. Once bound it prints
  * "READY ports=P1,P2,...". It counts datagrams with recvmmsg (batches of 64)
@@ -26,25 +34,30 @@ static void on_signal(int sig) {
 }
 
 static int nports = 0;
+static unsigned long long replied = 0, reply_errors = 0;
 static int ports[MAX_PORTS];
 static unsigned long long counts[MAX_PORTS], bytes_total = 0;
 
 static void print_counts(int final) {
     unsigned long long total = 0;
     for (int i = 0; i < nports; i++) total += counts[i];
-    printf("{\"received\": %llu, \"bytes\": %llu, \"final\": %s, \"per_port\": {", total, bytes_total,
-           final ? "true" : "false");
+    printf("{\"received\": %llu, \"bytes\": %llu, \"replied\": %llu, \"reply_errors\": %llu, \"final\": %s, "
+           "\"per_port\": {", total, bytes_total, replied, reply_errors, final ? "true" : "false");
     for (int i = 0; i < nports; i++) printf("%s\"%d\": %llu", i ? ", " : "", ports[i], counts[i]);
     printf("}}\n");
     fflush(stdout);
 }
 
 int main(int argc, char **argv) {
-    const char *port_list = NULL, *host = "127.0.0.1";
+    const char *port_list = NULL, *host = "127.0.0.1", *reply_to = NULL;
+    int echo = 0;
     double seconds = 600;
     int cpu = -1;
-    for (int i = 1; i + 1 < argc; i += 2) {
+    for (int i = 1; i < argc; i += 2) {
+        if (!strcmp(argv[i], "--echo")) { echo = 1; i--; continue; }
+        if (i + 1 >= argc) die_msg("missing option value");
         if (!strcmp(argv[i], "--ports")) port_list = argv[i + 1];
+        else if (!strcmp(argv[i], "--reply-to")) reply_to = argv[i + 1];
         else if (!strcmp(argv[i], "--host")) host = argv[i + 1];
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--cpu")) cpu = atoi(argv[i + 1]);
@@ -52,6 +65,9 @@ int main(int argc, char **argv) {
     }
     if (port_list == NULL) die_msg("usage: udp_sink --ports P1,P2,... [--seconds MAX]");
     if (seconds <= 0 || seconds > 3600) die_msg("--seconds must be in (0, 3600]");
+    if (echo && reply_to != NULL) die_msg("--echo and --reply-to exclude each other");
+    struct sockaddr_in reply_sa;
+    if (reply_to != NULL) parse_loopback(reply_to, &reply_sa);
     die_with_parent();
     pin_to_cpu(cpu);
     struct sigaction sa = {.sa_handler = on_signal};
@@ -89,14 +105,22 @@ int main(int argc, char **argv) {
     fflush(stdout);
 
     static char bufs[BATCH][BUF_BYTES];
-    struct iovec iov[BATCH];
-    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH], siov[BATCH];
+    struct sockaddr_in sources[BATCH];
+    struct mmsghdr msgs[BATCH], smsgs[BATCH];
     memset(msgs, 0, sizeof msgs);
+    memset(smsgs, 0, sizeof smsgs);
     for (int i = 0; i < BATCH; i++) {
         iov[i].iov_base = bufs[i];
         iov[i].iov_len = BUF_BYTES;
         msgs[i].msg_hdr.msg_iov = &iov[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
+        siov[i].iov_base = bufs[i];
+        smsgs[i].msg_hdr.msg_iov = &siov[i];
+        smsgs[i].msg_hdr.msg_iovlen = 1;
+        smsgs[i].msg_hdr.msg_name = echo ? (void *)&sources[i] : (void *)&reply_sa;
+        smsgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
+        if (echo) msgs[i].msg_hdr.msg_name = &sources[i];
     }
     double deadline = now_seconds() + seconds;
     struct epoll_event events[MAX_PORTS + 1];
@@ -121,10 +145,26 @@ int main(int argc, char **argv) {
             }
             /* Drain up to 16 batches, then give the other sockets a turn. */
             for (int round = 0; round < 16; round++) {
+                for (int i = 0; i < BATCH; i++) msgs[i].msg_hdr.msg_namelen = sizeof(struct sockaddr_in);
                 int r = recvmmsg(fds[idx], msgs, BATCH, MSG_DONTWAIT, NULL);
                 if (r <= 0) break;
                 counts[idx] += (unsigned long long)r;
                 for (int i = 0; i < r; i++) bytes_total += msgs[i].msg_len;
+                if (echo || reply_to != NULL) {
+                    for (int i = 0; i < r; i++) siov[i].iov_len = msgs[i].msg_len;
+                    int done = 0;
+                    while (done < r) {
+                        int w = sendmmsg(fds[idx], smsgs + done, (unsigned)(r - done), 0);
+                        if (w < 0) {
+                            if (errno == EINTR) continue;
+                            reply_errors++; /* skip the datagram that failed */
+                            done++;
+                            continue;
+                        }
+                        done += w;
+                        replied += (unsigned long long)w;
+                    }
+                }
                 if (r < BATCH) break;
             }
         }

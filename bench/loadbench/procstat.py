@@ -1,0 +1,111 @@
+"""What the kernel says about processes: trees, CPU time, RSS, pinning, and UDP socket drops.
+
+CPU time is read per thread from /proc/PID/task/TID/schedstat (first field:
+nanoseconds on CPU), summed over the target's whole process tree (nginx's
+workers, quiclb --workers' children). That is exact to the nanosecond, where
+utime+stime in /proc/PID/stat moves in 10 ms ticks; both are recorded, the
+ticks as a cross-check. Time spent in softirq on behalf of a socket may be
+charged to whichever task was running (on loopback usually the sender), the
+same way for every target, which is why targets are compared in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICK_SECONDS = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc/*/stat (field 4 = parent PID)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat: tells a process from a later one that reuses its PID."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU consumed so far by a process tree: schedstat nanoseconds and utime+stime ticks."""
+
+    ns: int
+    ticks: int
+    pids: int
+
+
+def cpu_sample(pid: int) -> CpuSample:
+    """Sum of every thread's time on CPU in ``pid``'s tree (threads that already exited are not seen)."""
+    ns = ticks = 0
+    pids = process_tree(pid)
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of the full line
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    ns += int(Path(f"/proc/{p}/task/{tid}/schedstat").read_text().split()[0])
+    return CpuSample(ns, ticks, len(pids))
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of ``pid``'s whole tree, from /proc/PID/status (kB)."""
+    total = 0
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+def pin_tree(pid: int, cpu: int | None) -> None:
+    """Pin every thread of ``pid`` and of its children to ``cpu`` (sched_setaffinity is per thread)."""
+    if cpu is None:
+        return
+    for p in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), {cpu})
+
+
+def udp_drops() -> dict[int, int]:
+    """Kernel receive-queue drops per local UDP port (/proc/net/udp), summed over sockets."""
+    drops: dict[int, int] = {}
+    with contextlib.suppress(OSError), open("/proc/net/udp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            port = int(cols[1].rsplit(":", 1)[1], 16)
+            drops[port] = drops.get(port, 0) + int(cols[12])
+    return drops
+
+
+def choose_cpus(no_pin: bool) -> tuple[int | None, int | None]:
+    """(target CPU, load CPU): 0 and 1 when both are allowed, else no pinning."""
+    allowed = os.sched_getaffinity(0)
+    if no_pin or not {0, 1} <= allowed:
+        return None, None
+    return 0, 1
