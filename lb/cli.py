@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -29,6 +30,11 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 #: Worker crashes a ``--workers`` supervisor absorbs before it gives up.
 MAX_WORKER_RESTARTS = 10
 WORKER_POLL_SECONDS = 0.2
+#: ``--workers`` bound: processes beyond a few per core only add contention.
+MAX_WORKERS = 64
+#: ``--ready-timeout`` default and bound, seconds: start builds every Maglev table before READY.
+DEFAULT_READY_TIMEOUT = 60.0
+MAX_READY_TIMEOUT = 3600.0
 
 
 class UsageError(LbError):
@@ -156,9 +162,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise UsageError(f"--workers: must be 1..{MAX_WORKERS}, got {args.workers}")
+    if not 0 < args.ready_timeout <= MAX_READY_TIMEOUT:
+        raise UsageError(f"--ready-timeout: must be 0..{MAX_READY_TIMEOUT:g} seconds (not 0), "
+                         f"got {args.ready_timeout:g}")
     cfg = load_config(args.config)
+    from lb.adapters.udp_socket import allow_joining_groups, ensure_unbound  # noqa: PLC0415 - keep `quiclb cid` light
+
     if args.workers > 1:
+        if not args.reuse_port:  # the workers share the sockets; nobody else may already hold them
+            for address in (cfg.lb.inside, *(svc.vip for svc in cfg.services)):
+                ensure_unbound(address)
         return _supervise(args)
+    if args.reuse_port or args.worker:
+        allow_joining_groups()
     from lb.adapters.event_loop import run  # noqa: PLC0415 - keep `quiclb cid` light
     from lb.app import LoadBalancer, serve  # noqa: PLC0415
 
@@ -183,8 +201,8 @@ def _supervise(args: argparse.Namespace) -> int:
     restarted (at most MAX_WORKER_RESTARTS times), since no state dies with it.
     """
     base = [sys.executable, "-m", "lb", "--log-level", args.log_level, "run", "-c", str(args.config),
-            "--loop", args.loop, "--io", args.io, "--worker"]
-    procs: list[subprocess.Popen[str]] = []
+            "--loop", args.loop, "--io", args.io, "--worker"]  # --worker: joins its siblings' sockets
+    procs: list[subprocess.Popen[bytes]] = []
     stopping = False
 
     def relay(signum: int, _frame: object) -> None:
@@ -198,17 +216,18 @@ def _supervise(args: argparse.Namespace) -> int:
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, relay)
 
-    def spawn(index: int) -> subprocess.Popen[str]:
+    def spawn(index: int) -> subprocess.Popen[bytes]:
         argv = base + ([] if index == 0 else ["--no-admin"])
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE)
 
-    def wait_ready(p: subprocess.Popen[str]) -> str | None:
-        assert p.stdout is not None
-        for line in p.stdout:
-            if line.startswith("WORKER-READY"):
-                return line.split(maxsplit=1)[1].strip()
-            sys.stdout.write(line)
-        return None  # EOF: it died before it was ready
+    def wait_ready(p: subprocess.Popen[bytes]) -> str | None:
+        """The worker's READY fields, or None if it died or was not ready in time (then it is killed)."""
+        line = _read_ready_line(p, time.monotonic() + args.ready_timeout)
+        if line is None and p.poll() is None:
+            print(f"quiclb: error: worker {p.pid} not ready within {args.ready_timeout:g} s "
+                  "(--ready-timeout); stopping", file=sys.stderr, flush=True)
+            p.kill()
+        return line
 
     ready: list[str] = []
     for i in range(args.workers):
@@ -254,6 +273,33 @@ def _supervise(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
+def _read_ready_line(p: subprocess.Popen[bytes], deadline: float) -> str | None:
+    """Read ``p``'s stdout until its ``WORKER-READY`` line (fields returned), EOF or ``deadline``.
+
+    Other lines are passed through to our stdout. Reads the pipe without
+    blocking past the deadline, so a worker that hangs at start cannot hang us.
+    """
+    assert p.stdout is not None
+    fd = p.stdout.fileno()
+    pending = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            while b"\n" in pending:
+                raw, pending = pending.split(b"\n", 1)
+                line = raw.decode("utf-8", "replace")
+                if line.startswith("WORKER-READY"):
+                    return line.split(maxsplit=1)[1].strip()
+                sys.stdout.write(line + "\n")
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None  # EOF: it died before it was ready
+            pending += chunk
+
+
 # -- subcommands of other installed packages ----------------------------------------
 
 #: Entry-point group whose callables add subcommands (quiclb_harness adds ``demo``), so this
@@ -279,7 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the load balancer")
     p.add_argument("-c", "--config", type=Path, required=True)
-    p.add_argument("--workers", type=int, default=1, help="LB processes sharing the sockets (SO_REUSEPORT)")
+    p.add_argument("--workers", type=int, default=1,
+                   help=f"LB processes sharing the sockets (SO_REUSEPORT), 1..{MAX_WORKERS}")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="join the SO_REUSEPORT group of LB instances already bound to the VIPs and inside "
+                        "address (scale-out, rolling restarts); without it an address in use is refused")
+    p.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT, metavar="SECONDS",
+                   help="--workers: give up (exit 1) on a worker not ready within this time "
+                        f"(default {DEFAULT_READY_TIMEOUT:g})")
     p.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     p.add_argument("--io", default="asyncio", choices=["asyncio", "batched"],
                    help="datagram I/O: the event loop's endpoints, or recvmmsg/sendmmsg batches (Linux)")
@@ -323,11 +376,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, UsageError) as exc:
-        print(f"quiclb: error: {exc}", file=sys.stderr)
+        _error(exc)
         return EXIT_USAGE
+    except LbError as exc:  # a runtime failure we understood: a bind, a worker
+        _error(exc)
+        return EXIT_FAIL
+    except OSError as exc:
+        _error(exc)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return EXIT_FAIL
+    except Exception as exc:  # a bug: still one line for the operator; the traceback at debug level
+        logging.getLogger("quiclb").debug("internal error", exc_info=True)
+        _error(f"internal error: {type(exc).__name__}: {exc} (--log-level debug shows where)")
+        return EXIT_FAIL
 
+
+def _error(message: object) -> None:
+    """``quiclb: error: ...`` on stderr, always on one line."""
+    print("quiclb: error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

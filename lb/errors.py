@@ -25,3 +25,7 @@ class ConfigError(LbError, ValueError):
 
 class NonceExhausted(LbError):
     """A CID issuer has used every nonce its configuration allows under one key."""
+
+
+class BindError(LbError):
+    """A socket could not be bound to a configured address (in use, not on this host, ...)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import stat
 import subprocess
 import sys
@@ -96,3 +98,119 @@ def test_check_config_reports_ok_and_names_the_bad_key(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "service[0].cid_config[0]" in bad.stderr and "19" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# ---- issue 12 items 6 and 9, issue 13 item 5: one line, the right exit code, never a traceback
+
+
+#: An INFO/DEBUG log record (``run`` logs its start and stop); anything else on stderr is an error line.
+LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ (DEBUG|INFO) ")
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *fragments: str) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.strip().splitlines() if not LOG_RECORD.match(line)]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert lines[0].startswith("quiclb: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("target", "kind"),
+    [("symlink", "a symbolic link"), ("device", "a character device"), ("fifo", "a FIFO"),
+     ("directory", "a directory")],
+)
+def test_keygen_force_never_replaces_anything_but_a_regular_file(tmp_path: Path, target: str, kind: str) -> None:
+    path = tmp_path / "k.key"
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    if target == "symlink":
+        path.symlink_to(victim)
+    elif target == "device":
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 7))  # a private /dev/full (CI runs as root)
+    elif target == "fifo":
+        os.mkfifo(path, 0o600)
+    else:
+        path.mkdir()
+    before = os.lstat(path)
+    assert_one_line_error(quiclb("keygen", "-o", str(path), "--force"), 2, str(path), kind)
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)
+    assert victim.read_text() == "keep me\n"
+
+
+def test_keygen_without_force_does_not_follow_a_dangling_symlink(tmp_path: Path) -> None:
+    path = tmp_path / "k.key"
+    path.symlink_to(tmp_path / "elsewhere.key")
+    assert_one_line_error(quiclb("keygen", "-o", str(path)), 2, str(path))
+    assert not (tmp_path / "elsewhere.key").exists()
+
+
+@pytest.mark.parametrize("parent", ["missing-grandparent", "file-as-parent"])
+def test_keygen_into_a_bad_parent_is_one_line(tmp_path: Path, parent: str) -> None:
+    if parent == "missing-grandparent":
+        path = tmp_path / "no" / "such" / "k.key"
+        fragment = "does not exist"
+    else:
+        (tmp_path / "file").write_text("x")
+        path = tmp_path / "file" / "k.key"
+        fragment = "not a directory"
+    assert_one_line_error(quiclb("keygen", "-o", str(path)), 2, str(path.parent), fragment)
+    assert not (tmp_path / "no").exists()
+
+
+def _deployment(tmp_path: Path, **kwargs: object) -> Deployment:
+    dep = Deployment(tmp_path, [ServiceSpec(backends=[BackendSpec("0001")])], **kwargs)  # type: ignore[arg-type]
+    dep.write()
+    return dep
+
+
+@pytest.mark.parametrize(
+    ("vip", "problem"),
+    [("[::ffff:127.0.0.1]:4433", "IPv4-mapped"), ("[fe80::1%lo]:4433", "scope"), ("[fe80::1]:4433", "link-local")],
+)
+def test_check_config_refuses_vips_no_socket_can_bind(tmp_path: Path, vip: str, problem: str) -> None:
+    dep = _deployment(tmp_path, admin=False)
+    text = dep.path.read_text()
+    dep.path.write_text(text.replace(f'vip = "127.0.0.1:{dep.vip()[1]}"', f'vip = "{vip}"'))
+    assert_one_line_error(quiclb("check-config", "-c", str(dep.path)), 2, "service[0].vip", problem)
+
+
+def test_run_with_the_vip_port_taken_is_one_line_exit_1(tmp_path: Path) -> None:
+    dep = _deployment(tmp_path, admin=False)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(dep.vip())
+        result = quiclb("run", "-c", str(dep.path))
+    assert_one_line_error(result, 1, f"127.0.0.1:{dep.vip()[1]}", "in use")
+
+
+def test_run_with_the_admin_port_taken_is_one_line_exit_1(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        dep = _deployment(tmp_path, admin=True, admin_port=port)
+        result = quiclb("run", "-c", str(dep.path))
+    assert_one_line_error(result, 1, str(port), "in use")
+
+
+def test_run_with_an_address_not_on_this_host_is_one_line_exit_1(tmp_path: Path) -> None:
+    dep = _deployment(tmp_path, admin=False)
+    text = dep.path.read_text().replace(f'vip = "127.0.0.1:{dep.vip()[1]}"', 'vip = "192.0.2.1:4433"')
+    dep.path.write_text(text)
+    assert quiclb("check-config", "-c", str(dep.path)).returncode == 0  # valid: another host may have it
+    assert_one_line_error(quiclb("run", "-c", str(dep.path)), 1, "192.0.2.1", "not an address of this host")
+
+
+def test_workers_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    dep = _deployment(tmp_path, admin=False)
+    assert_one_line_error(quiclb("run", "-c", str(dep.path), "--workers", "100000"), 2, "--workers")
+
+
+def test_workers_supervisor_gives_up_on_a_worker_that_is_not_ready_in_time(tmp_path: Path) -> None:
+    dep = _deployment(tmp_path, admin=False)
+    result = quiclb("run", "-c", str(dep.path), "--workers", "2", "--ready-timeout", "0.001")
+    assert_one_line_error(result, 1, "not ready within 0.001 s")

@@ -215,6 +215,23 @@ def parse_address(text: str, where: str, *, allow_port_zero: bool = False) -> Ad
         ) from None
     if bracketed and ip.version == 4:
         raise ConfigError(f"{where}: brackets are only for IPv6 addresses, got {text!r}")
+    if isinstance(ip, ipaddress.IPv6Address):
+        # No socket here can bind or reach these (EINVAL): say so now, not at bind time.
+        if ip.scope_id is not None:
+            raise ConfigError(
+                f"{where}: {host!r} has an interface scope (%{ip.scope_id}); scoped addresses are not "
+                "supported, use a global or unique-local IPv6 address"
+            )
+        if ip.ipv4_mapped is not None:
+            raise ConfigError(
+                f"{where}: {host!r} is an IPv4-mapped IPv6 address; IPv6 sockets here are IPv6-only, "
+                f'write the IPv4 address instead ("{ip.ipv4_mapped}:{port_text}")'
+            )
+        if ip.is_link_local:
+            raise ConfigError(
+                f"{where}: {host!r} is an IPv6 link-local address (fe80::/10), which needs an interface "
+                "scope; use a global or unique-local IPv6 address"
+            )
     if not _PORT.fullmatch(port_text):
         raise ConfigError(f"{where}: port must be a decimal number, got {port_text!r}")
     port = int(port_text)

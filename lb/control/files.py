@@ -38,6 +38,7 @@ class FileContent:
 def file_kind(mode: int) -> str:
     """A reader's name for the kind of file ``mode`` describes ("a FIFO", "a directory", ...)."""
     kinds = (
+        (stat.S_ISREG, "a regular file"),
         (stat.S_ISDIR, "a directory"),
         (stat.S_ISFIFO, "a FIFO (named pipe)"),
         (stat.S_ISCHR, "a character device"),
@@ -48,7 +49,7 @@ def file_kind(mode: int) -> str:
     for test, name in kinds:
         if test(mode):
             return name
-    return "not a regular file"
+    return "an unknown kind of file"
 
 
 def _size_text(n: int) -> str:

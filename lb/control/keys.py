@@ -18,7 +18,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from lb.control.files import read_regular_file
+from lb.control.files import file_kind, read_regular_file
 from lb.errors import ConfigError
 
 #: Length of a QUIC-LB AES-128 key, and of a fallback hash key file, in bytes.
@@ -42,10 +42,15 @@ def write_key_file(path: Path, key: bytes | None = None, *, overwrite: bool = Fa
     """Write ``key`` (default: a new :func:`generate_key`) to ``path`` as hex, mode 0600.
 
     The file never exists with wider permissions or partial content: without
-    ``overwrite`` it is created with ``O_CREAT | O_EXCL`` (an existing file is
-    refused, so a key in use is never replaced by accident); with ``overwrite``
-    a private temporary file in the same directory is renamed over ``path``.
-    A missing parent directory is created with mode 0700. Returns the key.
+    ``overwrite`` it is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (an
+    existing file or symlink is refused, so a key in use is never replaced by
+    accident); with ``overwrite`` a private temporary file in the same directory
+    is renamed over ``path``, and only an absent path or a regular file is ever
+    replaced - never a symlink, device, FIFO or directory (checked with
+    ``lstat``, so a symlink is not followed). A missing parent directory is
+    created with mode 0700, one level only: a missing grandparent is an error,
+    so a typo does not grow a directory tree. Every failure is a one-line
+    :class:`~lb.errors.ConfigError`. Returns the key.
     """
     if key is None:
         key = generate_key()
@@ -54,29 +59,74 @@ def write_key_file(path: Path, key: bytes | None = None, *, overwrite: bool = Fa
     key = bytes(key)
     data = (key.hex() + "\n").encode("ascii")
     path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not overwrite:
-        try:
-            _write_new_private(path, data)
-        except FileExistsError:
-            raise ConfigError(
-                f"{path}: refusing to overwrite an existing key file (a key in use would be lost); "
-                "delete it first or ask for overwrite"
-            ) from None
-        return key
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    _write_new_private(tmp, data)
+    _ensure_parent(path.parent)
     try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        if not overwrite:
+            try:
+                _write_new_private(path, data)
+            except FileExistsError:
+                raise ConfigError(
+                    f"{path}: refusing to overwrite an existing {_kind_at(path)} (a key in use would be lost); "
+                    "delete it first or ask for overwrite"
+                ) from None
+            return key
+        _refuse_unless_absent_or_regular(path)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        _write_new_private(tmp, data)
+        try:
+            _refuse_unless_absent_or_regular(path)  # again, just before the rename
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write key file: {exc.strerror}") from None
     return key
+
+
+def _ensure_parent(parent: Path) -> None:
+    """``parent`` is a directory, created (mode 0700) if it alone is missing."""
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        try:
+            os.mkdir(parent, 0o700)
+        except FileNotFoundError:
+            raise ConfigError(f"{parent}: directory does not exist, nor does its parent; create it first") from None
+        except OSError as exc:
+            raise ConfigError(f"{parent}: cannot create directory: {exc.strerror}") from None
+        return
+    except NotADirectoryError:
+        raise ConfigError(f"{parent}: not a directory (a path component is a file)") from None
+    except OSError as exc:
+        raise ConfigError(f"{parent}: cannot use directory: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{parent}: not a directory ({file_kind(st.st_mode)})")
+
+
+def _kind_at(path: Path) -> str:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "file"
+    return "key file" if stat.S_ISREG(mode) else file_kind(mode)
+
+
+def _refuse_unless_absent_or_regular(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise ConfigError(
+            f"{path}: refusing to replace {file_kind(mode)}; only an absent path or a regular file is overwritten"
+        )
 
 
 def _write_new_private(path: Path, data: bytes) -> None:
     """Create ``path`` exclusively with mode 0600 and write ``data``; remove it on failure."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o600)
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o600)
     try:
         try:
             # The umask can only narrow 0600; fchmod pins it exactly.

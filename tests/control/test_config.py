@@ -276,6 +276,13 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
     ("vip-v6-no-brackets", _set(_svc, "vip", "::1:4433"), f"{S0}.vip", "brackets"),
     ("vip-v4-brackets", _set(_svc, "vip", "[127.0.0.1]:4433"), f"{S0}.vip", "only for IPv6"),
     ("vip-not-string", _set(_svc, "vip", 4433), f"{S0}.vip", "must be a string"),
+    # Issue 12 item 9: addresses no socket here can bind (EINVAL at run time) are refused by check-config.
+    ("vip-v4-mapped", _set(_svc, "vip", "[::ffff:127.0.0.1]:4433"), f"{S0}.vip", 'instead ("127.0.0.1:4433")'),
+    ("vip-scoped", _set(_svc, "vip", "[fe80::1%eth0]:4433"), f"{S0}.vip", "interface scope (%eth0)"),
+    ("vip-link-local", _set(_svc, "vip", "[fe80::1]:4433"), f"{S0}.vip", "link-local"),
+    ("backend-v4-mapped", _set(_be, "address", "[::ffff:127.0.0.1]:5001"), f"{S0}.backend[0].address",
+     "IPv4-mapped"),
+    ("admin-scoped", _set(_lb, "admin", "[::1%lo]:9100"), "lb.admin", "interface scope"),
     ("inside-port-0", _set(_lb, "inside", "127.0.0.1:0"), "lb.inside", "port must be 1..65535"),
     # [lb]
     ("no-lb", _del(_top, "lb"), "lb", "required table [lb]"),
@@ -444,7 +451,7 @@ def test_admin_absent_needs_no_token(env: Env) -> None:
         ("127.0.0.1:4433", ("127.0.0.1", 4433)),
         ("[::1]:4433", ("::1", 4433)),
         ("[0:0::1]:1", ("::1", 1)),
-        ("[::ffff:10.0.0.1]:65535", ("::ffff:a00:1", 65535)),
+        ("[2001:DB8::0:1]:65535", ("2001:db8::1", 65535)),
     ],
 )
 def test_parse_address(text: str, expected: tuple[str, int]) -> None:
