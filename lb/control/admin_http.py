@@ -1,30 +1,38 @@
-"""The admin HTTP API: health, metrics, read-only views, a CID lookup and reload (acceptance S-7).
+"""The admin HTTP API: health, metrics, read-only views, a CID lookup, reload and the status page (S-7).
 
-A deliberately small HTTP/1.1 server on :func:`asyncio.start_server`: one
-request per connection, ``Connection: close``, no framework.
+HTTP/1.1 is aiohttp's (its low-level :class:`aiohttp.web.Server`, which runs
+on asyncio and uvloop); this module holds the admin rules. Every response
+closes its connection (``Connection: close``): one request per connection.
 
 Rules:
 
 - **One table.** Every route is a :class:`Route` in :attr:`AdminServer.routes`.
   Authentication is not a property of a route: :meth:`AdminServer._dispatch`
   demands the bearer token for every path outside :data:`PUBLIC_PATHS`
-  (``/healthz`` only) *before* it looks the path up, so a new route — or an
-  unknown path — can never skip it. A test walks the table to prove it.
+  (``/healthz`` and the static status page ``/``) *before* it looks the path
+  up, so a new route — or an unknown path — can never skip it. A test walks
+  the table to prove it. Paths are matched as sent, never percent-decoded.
 - **Bearer token**, compared with :func:`hmac.compare_digest`. Missing or wrong:
   401 with ``WWW-Authenticate: Bearer``, counted in :attr:`AdminServer.auth_failures`
   and logged at WARNING with the peer, method and path — never the presented
   token, never the query string (which may carry a full CID, S-10).
-- **Rate limit.** :class:`AuthRateLimiter`: ``max_failures`` failures within
-  ``window`` seconds lock the peer (an IPv4 address or an IPv6 /64) out for
-  ``lockout`` seconds: 429 with ``Retry-After``, even with the right token.
-  Its memory is bounded (least recently failing peers are forgotten first).
+- **Rate limit without lockout of the right token.** :class:`AuthRateLimiter`:
+  ``max_failures`` failures within ``window`` seconds from one peer (an IPv4
+  address or an IPv6 /64) turn its further *failures* into 429 with
+  ``Retry-After`` for ``lockout`` seconds; the right token is always served
+  (issue 12, item 13).
 - **Mutations are POST only.** A path served with another method answers 405
   with ``Allow``; ``GET /reload`` is 405.
-- **Slow or large clients cannot pin the server.** The request head and body
-  must arrive within ``read_timeout`` (else 408), the head is at most
-  :data:`MAX_REQUEST_HEAD` bytes (431), a body at most :data:`MAX_BODY` (413),
-  chunked bodies are refused (501), writes give up after ``write_timeout``,
-  and at most :data:`MAX_CONNECTIONS` are served at once (503 beyond).
+- **Slow or large clients cannot pin the server** (see
+  :mod:`lb.control.admin_connections`): the head must reach the handler
+  within ``read_timeout`` (408), the body too (408); the head is at most
+  :data:`MAX_REQUEST_HEAD` bytes and :data:`MAX_HEADERS` fields (431), a
+  body at most :data:`MAX_BODY` (413); chunked bodies are refused (501);
+  a peer's waiting connections are capped, oldest evicted first, so
+  ``/healthz`` keeps answering under a slowloris.
+- **HTTP/1.0 and 1.1 only.** aiohttp also parses HTTP/0.9 and "HTTP/2.0"
+  request lines; they get a closed connection (no status line would be
+  truthful), other malformed requests aiohttp's 400.
 - **No key material.** Views come from :class:`~lb.control.snapshot.LbSnapshot`,
   which holds counters, names and digests only (S-3).
 
@@ -37,23 +45,45 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import http
-import ipaddress
-import json
 import logging
 import math
 import re
 import time
-from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
-from lb.control.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from lb.control.metrics import render_metrics
+from aiohttp import web
+
+from lb.control.admin_auth import AuthRateLimiter, bearer_token, peer_key
+from lb.control.admin_connections import LINGER_SECONDS, PENDING_BYTES_CAP, ConnectionGuard, GuardedProtocol
+from lb.control.admin_messages import (
+    TEXT_CONTENT_TYPE,
+    AdminHttpError,
+    Request,
+    Response,
+    Route,
+    error_response,
+    exception_message,
+    json_response,
+    query_params,
+    single_param,
+)
+from lb.control.metrics import LbCollector, encode_metrics, lb_registry
 from lb.control.snapshot import LbSnapshot, ReloadResult
+from lb.control.status_page import HTML_CONTENT_TYPE, status_page_headers, status_page_html
 from lb.errors import LbError
+
+__all__ = [
+    "MAX_BODY",
+    "MAX_HEADERS",
+    "MAX_REQUEST_HEAD",
+    "PUBLIC_PATHS",
+    "AdminServer",
+    "AuthRateLimiter",
+    "Route",
+    "peer_key",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,160 +93,30 @@ MAX_REQUEST_HEAD = 8192
 MAX_HEADERS = 64
 #: Largest request body, in bytes (no route reads one; it is drained and ignored).
 MAX_BODY = 1024
-#: Most connections served at once; more are answered 503 and closed.
-MAX_CONNECTIONS = 64
 #: Longest DCID /route accepts: the QUIC v1 limit (RFC 9000 §17.2).
 MAX_DCID_LEN = 20
 #: Longest ``service`` query value.
 MAX_SERVICE_NAME_LEN = 128
-#: Most query fields parsed from one request target.
-MAX_QUERY_FIELDS = 16
 DEFAULT_READ_TIMEOUT = 5.0
 DEFAULT_WRITE_TIMEOUT = 5.0
 
-#: The only paths served without the bearer token.
-PUBLIC_PATHS = frozenset({"/healthz"})
-
-JSON_CONTENT_TYPE = "application/json"
-TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+#: The only paths served without the bearer token: liveness, and the status page, which holds no data.
+PUBLIC_PATHS = frozenset({"/healthz", "/"})
 
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
-_DIGITS = re.compile(r"[0-9]{1,10}")
 _METHOD = re.compile(r"[A-Z]{1,16}")
-# Request header field names are RFC 9110 tokens; no whitespace before the colon (RFC 9112 §5.1).
-_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # A repeated header among these is ambiguous, so the request is refused.
-_SINGLETON_HEADERS = frozenset({"authorization", "content-length", "transfer-encoding", "host"})
+_SINGLETON_HEADERS = ("authorization", "content-length", "transfer-encoding", "host")
+_HTTP_VERSIONS = ((1, 0), (1, 1))
 
 
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str  # not percent-decoded: only exact matches route anywhere
-    query: str  # raw; parsed by the routes that take parameters, after authentication
-    headers: Mapping[str, str]  # lower-case names; latin-1 values
-    peer: str  # rate-limit key: IPv4 address, IPv6 /64, or "local"
+class _ClientNoiseLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp reports every malformed request with a traceback at ERROR; on the admin port that is
+    a client's mistake, so it becomes one DEBUG line (this module logs its own handler errors)."""
 
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: bytes
-    content_type: str = JSON_CONTENT_TYPE
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-@dataclass(frozen=True)
-class Route:
-    """One entry of the route table: exactly one method per path."""
-
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-
-
-class _HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).hex()
-    if isinstance(value, (tuple, set, frozenset)):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def json_response(status: int, payload: object, headers: tuple[tuple[str, str], ...] = ()) -> Response:
-    body = json.dumps(payload, default=_json_default, separators=(",", ":")).encode("utf-8") + b"\n"
-    return Response(status, body, JSON_CONTENT_TYPE, headers)
-
-
-def error_response(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> Response:
-    return json_response(status, {"error": message}, headers)
-
-
-def peer_key(peername: object) -> str:
-    """The rate-limit identity of a peer: IPv4 address, IPv6 /64 prefix, or ``"local"``.
-
-    An IPv6 host usually owns its whole /64, so keying single addresses would
-    let one client rotate through them.
-    """
-    if not isinstance(peername, tuple) or not peername:
-        return "local"
-    host = str(peername[0]).split("%", 1)[0]
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host[:64]
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
-@dataclass
-class _PeerFailures:
-    times: deque[float]
-    locked_until: float = 0.0
-
-
-class AuthRateLimiter:
-    """Locks a peer out after ``max_failures`` auth failures within ``window`` seconds.
-
-    Memory is bounded: at most ``max_peers`` peers of at most ``max_failures``
-    timestamps each; the least recently failing peer is forgotten first.
-    Time comes in as ``now`` (monotonic seconds).
-    """
-
-    def __init__(
-        self, *, max_failures: int = 10, window: float = 10.0, lockout: float = 60.0, max_peers: int = 1024
-    ) -> None:
-        if max_failures < 1 or window <= 0 or lockout <= 0 or max_peers < 1:
-            raise ValueError("rate limit: max_failures and max_peers must be >= 1, window and lockout > 0")
-        self.max_failures = max_failures
-        self.window = window
-        self.lockout = lockout
-        self.max_peers = max_peers
-        self._peers: OrderedDict[str, _PeerFailures] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._peers)
-
-    def retry_after(self, peer: str, now: float) -> float | None:
-        """Seconds left in ``peer``'s lockout, or ``None`` when it may try."""
-        state = self._peers.get(peer)
-        if state is None or state.locked_until <= now:
-            return None
-        return state.locked_until - now
-
-    def record_failure(self, peer: str, now: float) -> bool:
-        """Count one failure; ``True`` when it starts a lockout."""
-        state = self._peers.get(peer)
-        if state is None:
-            if len(self._peers) >= self.max_peers:
-                self._peers.popitem(last=False)
-            state = _PeerFailures(deque(maxlen=self.max_failures))
-            self._peers[peer] = state
-        else:
-            self._peers.move_to_end(peer)
-        times = state.times
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        times.append(now)
-        if len(times) >= self.max_failures:
-            times.clear()
-            state.locked_until = now + self.lockout
-            return True
-        return False
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
+        detail = exc_info if isinstance(exc_info, BaseException) else ""
+        self.debug("%s: %s", str(msg) % args if args else msg, detail)
 
 
 class AdminServer:
@@ -247,17 +147,18 @@ class AdminServer:
         self._reload = reload
         self._route = route
         self._limiter = rate_limiter if rate_limiter is not None else AuthRateLimiter()
-        self._read_timeout = read_timeout
-        self._write_timeout = write_timeout
         self._clock = clock
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._guard = ConnectionGuard(read_timeout=read_timeout, write_timeout=write_timeout)
+        self._http: web.Server | None = None
+        self._listener: asyncio.Server | None = None
         self._reload_lock = asyncio.Lock()
+        self._metrics = lb_registry(LbCollector(snapshot, admin_auth_failures=lambda: self.auth_failures))
         #: Requests refused for a missing or wrong token, or while locked out (monotonic).
         self.auth_failures = 0
         self.routes: tuple[Route, ...] = (
+            Route("GET", "/", self._get_status_page, "status page (static; reads the API with the token)"),
             Route("GET", "/healthz", self._get_healthz, "liveness; no token"),
-            Route("GET", "/metrics", self._get_metrics, "Prometheus text 0.0.4"),
+            Route("GET", "/metrics", self._get_metrics, "Prometheus text 0.0.4, or OpenMetrics by Accept"),
             Route("GET", "/backends", self._get_backends, "backends with state and counters"),
             Route("GET", "/services", self._get_services, "services (VIP, configs, linkable)"),
             Route("GET", "/config", self._get_config, "running configuration identity"),
@@ -280,117 +181,99 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (port 0 picks one); returns the bound address."""
-        if self._server is not None:
+        if self._listener is not None:
             raise RuntimeError("admin server already started")
-        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
-        sockname = self._server.sockets[0].getsockname()
+        self._http = web.Server(
+            self._handle,
+            access_log=None,
+            logger=_ClientNoiseLog(logging.getLogger(__name__ + ".protocol"), {}),
+            # The guard enforces the real deadlines (408); aiohttp's idle timer is a backstop.
+            keepalive_timeout=2 * self._guard.read_timeout,
+            # Loose enough that the head-size rules below answer 431; the guard's byte cap bounds the rest.
+            max_line_size=PENDING_BYTES_CAP,
+            max_field_size=PENDING_BYTES_CAP,
+            max_headers=4 * MAX_HEADERS,
+            # A body nobody reads (413, 408) is drained this long before the close (else: a reset).
+            lingering_time=LINGER_SECONDS,
+        )
+        factory = self._guard.protocol_factory(self._http)
+        self._listener = await asyncio.get_running_loop().create_server(factory, host, port)
+        sockname = self._listener.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
 
     async def close(self) -> None:
-        """Stop listening and abandon connections in progress."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()
+        """Stop listening and end connections in progress."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        self._guard.close_all()
+        if self._http is not None:
+            await self._http.shutdown(self._guard.write_timeout)
+        if listener is not None:
+            await listener.wait_closed()
 
-    # -- connection handling ------------------------------------------------------
+    # -- one request ----------------------------------------------------------------
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def _handle(self, http_request: web.BaseRequest) -> web.StreamResponse:
+        conn = self._guard.connection_of(http_request.transport)
+        if conn is not None:
+            conn.request_started()
         try:
-            response = await self._respond(reader, writer)
-            if response is not None:
-                await self._send(writer, response)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except Exception:
-            logger.exception("admin: unexpected error serving a connection")
+            if http_request.version not in _HTTP_VERSIONS:
+                return self._hang_up(http_request, conn)
+            try:
+                request = await self._read_request(http_request, conn)
+            except AdminHttpError as exc:
+                response = error_response(exc.status, exc.message)
+            else:
+                response = await self._dispatch(request)
+            return _to_web(response)
         finally:
-            self._tasks.discard(task)
-            await self._close_writer(writer)
+            if conn is not None:
+                conn.response_ready()
 
-    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Response | None:
-        if len(self._tasks) > MAX_CONNECTIONS:
-            return error_response(503, "too many admin connections")
-        peer = peer_key(writer.get_extra_info("peername"))
-        try:
-            async with asyncio.timeout(self._read_timeout):
-                request = await self._read_request(reader, peer)
-        except TimeoutError:
-            return error_response(408, "request not received in time")
-        except _HttpError as exc:
-            return error_response(exc.status, exc.message)
-        except asyncio.IncompleteReadError:
-            return None  # the client went away mid-request
-        return await self._dispatch(request)
+    def _hang_up(self, http_request: web.BaseRequest, conn: GuardedProtocol | None) -> web.StreamResponse:
+        if conn is not None:
+            conn.abort()
+        elif http_request.transport is not None:
+            http_request.transport.abort()
+        return web.Response(status=400)  # written nowhere: the transport is gone
 
-    async def _read_request(self, reader: asyncio.StreamReader, peer: str) -> Request:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise _HttpError(431, f"request head exceeds {MAX_REQUEST_HEAD} bytes") from None
-        except ValueError:  # separator found, but beyond the limit
-            raise _HttpError(431, f"request head exceeds {MAX_REQUEST_HEAD} bytes") from None
-        lines = head[:-4].split(b"\r\n")
-        if len(lines) - 1 > MAX_HEADERS:
-            raise _HttpError(431, f"more than {MAX_HEADERS} header fields")
-        try:
-            method, target, version = lines[0].decode("ascii").split(" ")
-        except (UnicodeDecodeError, ValueError):
-            raise _HttpError(400, "malformed request line") from None
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise _HttpError(505, "HTTP/1.1 only")
+    async def _read_request(self, http_request: web.BaseRequest, conn: GuardedProtocol | None) -> Request:
+        method, target = http_request.method, http_request.raw_path
         if not _METHOD.fullmatch(method) or not target.startswith("/"):
-            raise _HttpError(400, "malformed request line")
-        headers = _parse_headers(lines[1:])
-        if "transfer-encoding" in headers:
-            raise _HttpError(501, "chunked request bodies are not supported")
-        length_text = headers.get("content-length", "0")
-        if not _DIGITS.fullmatch(length_text):
-            raise _HttpError(400, "malformed Content-Length")
-        length = int(length_text)
+            raise AdminHttpError(400, "malformed request line")
+        raw_headers = http_request.raw_headers
+        if len(raw_headers) > MAX_HEADERS:
+            raise AdminHttpError(431, f"more than {MAX_HEADERS} header fields")
+        head_size = len(method) + len(target) + 12 + sum(len(k) + len(v) + 4 for k, v in raw_headers)
+        if head_size > MAX_REQUEST_HEAD:
+            raise AdminHttpError(431, f"request head exceeds {MAX_REQUEST_HEAD} bytes")
+        fields = http_request.headers
+        for name in _SINGLETON_HEADERS:
+            if len(fields.getall(name, ())) > 1:
+                raise AdminHttpError(400, f"repeated {name} header")
+        if "transfer-encoding" in fields:
+            raise AdminHttpError(501, "chunked request bodies are not supported")
+        length = http_request.content_length or 0
         if length > MAX_BODY:
-            raise _HttpError(413, f"request body exceeds {MAX_BODY} bytes")
+            raise AdminHttpError(413, f"request body exceeds {MAX_BODY} bytes")
         if length:
-            await reader.readexactly(length)  # drained and ignored: no route takes a body
+            # Drained and ignored (no route takes a body), within what is left of the read deadline.
+            left = conn.read_time_left() if conn is not None else self._guard.read_timeout
+            try:
+                async with asyncio.timeout(left):
+                    await http_request.read()
+            except TimeoutError:
+                raise AdminHttpError(408, "request not received in time") from None
         split = urlsplit(target)
+        headers = {k.lower(): v for k, v in fields.items()}
+        if conn is not None:
+            peer = conn.peer
+        else:
+            transport = http_request.transport
+            peer = peer_key(transport.get_extra_info("peername") if transport is not None else None)
         return Request(method, split.path, split.query, headers, peer)
-
-    async def _send(self, writer: asyncio.StreamWriter, response: Response) -> None:
-        status = response.status
-        phrase = http.HTTPStatus(status).phrase
-        head = [
-            f"HTTP/1.1 {status} {phrase}",
-            f"Content-Type: {response.content_type}",
-            f"Content-Length: {len(response.body)}",
-            "Connection: close",
-            "Cache-Control: no-store",
-            "X-Content-Type-Options: nosniff",
-        ]
-        head.extend(f"{name}: {value}" for name, value in response.headers)
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body)
-        try:
-            async with asyncio.timeout(self._write_timeout):
-                await writer.drain()
-        except TimeoutError:
-            writer.transport.abort()  # the client does not read: drop the buffer
-
-    async def _close_writer(self, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-        try:
-            async with asyncio.timeout(self._write_timeout):
-                await writer.wait_closed()
-        except TimeoutError:
-            writer.transport.abort()
-        except (ConnectionError, OSError):
-            pass
 
     # -- routing and authentication -----------------------------------------------
 
@@ -406,24 +289,28 @@ class AdminServer:
             return error_response(405, f"use {route.method}", (("Allow", route.method),))
         try:
             return await route.handler(request)
-        except _HttpError as exc:
+        except AdminHttpError as exc:
             return error_response(exc.status, exc.message)
         except Exception:
             logger.exception("admin: %s %s failed", route.method, route.path)
             return error_response(500, "internal error; see the LB log")
 
     def _authorize(self, request: Request) -> Response | None:
-        """``None`` when the request carries the token; otherwise the 401 or 429 to send."""
-        now = self._clock()
-        wait = self._limiter.retry_after(request.peer, now)
-        if wait is not None:
-            self.auth_failures += 1
-            return error_response(429, "too many failed attempts", (("Retry-After", str(math.ceil(wait))),))
+        """``None`` when the request carries the token; otherwise the 401 or 429 to send.
+
+        The token is compared first: a peer locked out for its failures is still
+        served when it presents the right token.
+        """
         header = request.headers.get("authorization")
-        presented = _bearer_token(header)
+        presented = bearer_token(header)
         if presented is not None and hmac.compare_digest(presented.encode("latin-1"), self._token):
             return None
         self.auth_failures += 1
+        now = self._clock()
+        wait = self._limiter.retry_after(request.peer, now)
+        if wait is not None:
+            # Locked out: no log line per attempt (the lockout was logged once).
+            return error_response(429, "too many failed attempts", (("Retry-After", str(math.ceil(wait))),))
         if header is None:
             reason = "no Authorization header"
         elif presented is None:
@@ -434,7 +321,7 @@ class AdminServer:
         logger.warning("admin: refused %s %r from %s: %s", request.method, request.path[:64], request.peer, reason)
         if self._limiter.record_failure(request.peer, now):
             logger.warning(
-                "admin: %s locked out for %.0f s after %d failures within %.0f s",
+                "admin: %s: failures answered 429 for %.0f s after %d within %.0f s",
                 request.peer,
                 self._limiter.lockout,
                 self._limiter.max_failures,
@@ -444,12 +331,15 @@ class AdminServer:
 
     # -- handlers -----------------------------------------------------------------
 
+    async def _get_status_page(self, request: Request) -> Response:
+        return Response(200, status_page_html(), HTML_CONTENT_TYPE, status_page_headers())
+
     async def _get_healthz(self, request: Request) -> Response:
         return Response(200, b"ok\n", TEXT_CONTENT_TYPE)
 
     async def _get_metrics(self, request: Request) -> Response:
-        text = render_metrics(self._snapshot(), admin_auth_failures=self.auth_failures)
-        return Response(200, text.encode("utf-8"), METRICS_CONTENT_TYPE)
+        body, content_type = encode_metrics(self._metrics, request.headers.get("accept"))
+        return Response(200, body, content_type)
 
     async def _get_backends(self, request: Request) -> Response:
         return json_response(200, [dataclasses.asdict(b) for b in self._snapshot().backends])
@@ -472,9 +362,9 @@ class AdminServer:
         )
 
     async def _get_route(self, request: Request) -> Response:
-        params = _query_params(request.query)
-        dcid_hex = _single_param(params, "dcid")
-        service = _single_param(params, "service")
+        params = query_params(request.query)
+        dcid_hex = single_param(params, "dcid")
+        service = single_param(params, "service")
         if dcid_hex is None:
             return error_response(400, "missing dcid=<hex>")
         if not _HEX.fullmatch(dcid_hex):
@@ -487,9 +377,9 @@ class AdminServer:
         try:
             answer = self._route(service, dcid)
         except LookupError as exc:
-            return error_response(404, _message(exc, "not found"))
+            return error_response(404, exception_message(exc, "not found"))
         except ValueError as exc:
-            return error_response(400, _message(exc, "bad request"))
+            return error_response(400, exception_message(exc, "bad request"))
         return json_response(200, dict(answer))
 
     async def _post_reload(self, request: Request) -> Response:
@@ -503,50 +393,15 @@ class AdminServer:
         return json_response(200 if result.ok else 422, dataclasses.asdict(result))
 
 
-def _parse_headers(lines: list[bytes]) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        if not sep or not _FIELD_NAME.fullmatch(name):
-            raise _HttpError(400, "malformed header field")
-        key = name.decode("ascii").lower()
-        text = value.strip(b" \t").decode("latin-1")
-        if key in headers:
-            if key in _SINGLETON_HEADERS:
-                raise _HttpError(400, f"repeated {key} header")
-            headers[key] += ", " + text
-        else:
-            headers[key] = text
-    return headers
 
 
-def _bearer_token(header: str | None) -> str | None:
-    if header is None:
-        return None
-    scheme, _, credentials = header.partition(" ")
-    credentials = credentials.strip(" ")
-    if scheme.lower() != "bearer" or not credentials:
-        return None
-    return credentials
-
-
-def _query_params(query: str) -> dict[str, list[str]]:
-    try:
-        return parse_qs(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
-    except ValueError:
-        raise _HttpError(400, "malformed query string") from None
-
-
-def _single_param(query: Mapping[str, list[str]], name: str) -> str | None:
-    values = query.get(name)
-    if not values:
-        return None
-    if len(values) > 1:
-        raise _HttpError(400, f"{name} given more than once")
-    return values[0]
-
-
-def _message(exc: Exception, default: str) -> str:
-    if exc.args and isinstance(exc.args[0], str):
-        return exc.args[0]
-    return default
+def _to_web(response: Response) -> web.Response:
+    headers = {
+        "Content-Type": response.content_type,
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+    }
+    headers.update(response.headers)
+    web_response = web.Response(status=response.status, body=response.body, headers=headers)
+    web_response.force_close()  # one request per connection: "Connection: close"
+    return web_response

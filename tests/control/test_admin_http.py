@@ -128,26 +128,38 @@ def _parse_reply(data: bytes) -> Reply:
     assert sep, data
     lines = head.decode("latin-1").split("\r\n")
     version, status, _phrase = lines[0].split(" ", 2)
-    assert version == "HTTP/1.1"
     headers = {}
     for line in lines[1:]:
         k, _, v = line.partition(":")
         headers[k.strip().lower()] = v.strip()
     assert int(headers["content-length"]) == len(body)
-    assert headers["connection"] == "close"
+    # aiohttp answers a request it cannot parse as HTTP/1.0 (which closes by default); all else is 1.1.
+    assert version in ("HTTP/1.1", "HTTP/1.0"), version
+    if version == "HTTP/1.1":
+        assert headers["connection"] == "close"
     return Reply(int(status), headers, body)
 
 
-async def send_raw(addr: Addr, data: bytes) -> Reply:
+async def read_raw(addr: Addr, data: bytes) -> bytes:
+    """Send ``data`` and read until the server closes (every admin response closes its connection)."""
     reader, writer = await asyncio.open_connection(*addr)
     try:
         writer.write(data)
         await writer.drain()
-        reply = await asyncio.wait_for(reader.read(), WAIT)  # Connection: close -> read to EOF
+        try:
+            return await asyncio.wait_for(reader.read(), WAIT)
+        except ConnectionResetError:
+            return b""
     finally:
         writer.close()
-        await writer.wait_closed()
-    return _parse_reply(reply)
+        try:
+            await writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+async def send_raw(addr: Addr, data: bytes) -> Reply:
+    return _parse_reply(await read_raw(addr, data))
 
 
 async def request(
@@ -193,7 +205,7 @@ def serve(scenario: Scenario, lb: FakeLb | None = None, **kwargs: object) -> Adm
 
 def test_every_route_but_healthz_requires_the_token() -> None:
     """Walks the route table: a route added without authentication fails here (S-7)."""
-    assert {"/healthz"} == set(PUBLIC_PATHS)
+    assert {"/healthz", "/"} == set(PUBLIC_PATHS)  # liveness, and the status page (static, no data)
 
     async def scenario(server: AdminServer, addr: Addr) -> None:
         assert {r.path for r in server.routes} >= {
@@ -257,7 +269,8 @@ def test_auth_failures_are_logged_without_the_token(caplog: pytest.LogCaptureFix
     assert "127.0.0.1" in caplog.text
 
 
-def test_failures_are_rate_limited_per_peer() -> None:
+def test_failures_are_rate_limited_per_peer_but_the_right_token_is_served() -> None:
+    """Issue 12, item 13: the lockout after 10 bad tokens must not lock out the right token."""
     now = [1000.0]
     limiter = AuthRateLimiter(max_failures=10, window=10.0, lockout=60.0)
 
@@ -265,19 +278,21 @@ def test_failures_are_rate_limited_per_peer() -> None:
         for _ in range(10):
             assert (await request(addr, "GET", "/config", token="guess")).status == 401
             now[0] += 0.5
-        locked = await request(addr, "GET", "/config")  # even the right token
+        locked = await request(addr, "GET", "/config", token="guess")
         assert locked.status == 429
         assert 0 < int(locked.headers["retry-after"]) <= 60
+        assert (await request(addr, "GET", "/config", token=None)).status == 429
+        assert (await request(addr, "GET", "/config")).status == 200  # the right token, same peer
         assert (await request(addr, "GET", "/healthz", token=None)).status == 200
         metrics = await request(addr, "GET", "/metrics")
-        assert metrics.status == 429
+        assert metrics.status == 200
+        families = {f.name: f for f in text_string_to_metric_families(metrics.body.decode())}
+        assert families["quiclb_admin_auth_failures"].samples[0].value == 12
         now[0] += 61
-        assert (await request(addr, "GET", "/config")).status == 200
-        metrics = await request(addr, "GET", "/metrics")
-        assert "quiclb_admin_auth_failures_total 12" in metrics.body.decode()
+        assert (await request(addr, "GET", "/config", token="guess")).status == 401  # lockout over
 
     server = serve(scenario, rate_limiter=limiter, clock=lambda: now[0])
-    assert server.auth_failures == 12
+    assert server.auth_failures == 13
 
 
 def test_failures_outside_the_window_do_not_lock() -> None:
@@ -464,34 +479,47 @@ def test_handler_errors_are_500_without_details() -> None:
 # -- hostile clients ---------------------------------------------------------------------
 
 
+H = b"Host: 127.0.0.1\r\n"  # HTTP/1.1 requires Host (RFC 9112 §3.2): without it aiohttp answers 400 first
+
+
 @pytest.mark.parametrize(
     ("raw", "status"),
     [
-        (b"GET /healthz\r\n\r\n", 400),
-        (b"GET  /healthz HTTP/1.1\r\n\r\n", 400),
-        (b"get /healthz HTTP/1.1\r\n\r\n", 400),
-        (b"GET healthz HTTP/1.1\r\n\r\n", 400),
-        (b"GET /healthz HTTP/2.0\r\n\r\n", 505),
-        (b"GET /h\xffz HTTP/1.1\r\n\r\n", 400),
-        (b"GET /healthz HTTP/1.1\r\nNo-Colon\r\n\r\n", 400),
-        (b"GET /healthz HTTP/1.1\r\nBad Name: x\r\n\r\n", 400),
-        (b"GET /healthz HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-        (b"GET /healthz HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", 400),
-        (b"POST /reload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
-        (f"POST /reload HTTP/1.1\r\nContent-Length: {MAX_BODY + 1}\r\n\r\n".encode(), 413),
-        (b"GET /healthz HTTP/1.1\r\n" + b"X-A: b\r\n" * (MAX_HEADERS + 1) + b"\r\n", 431),
-        (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * (MAX_REQUEST_HEAD + 100) + b"\r\n\r\n", 431),
-        (b"GET /route?" + b"&".join(b"a%d=1" % i for i in range(40)) + b" HTTP/1.1\r\n\r\n", 401),
+        (b"GET /healthz\r\n\r\n", None),  # HTTP/0.9: no status line would be truthful
+        (b"GET  /healthz HTTP/1.1\r\n" + H + b"\r\n", 200),  # RFC 9112 §3 lets a parser split on whitespace
+        (b"get /healthz HTTP/1.1\r\n" + H + b"\r\n", 400),
+        (b"GET healthz HTTP/1.1\r\n" + H + b"\r\n", 400),
+        (b"GET /healthz HTTP/2.0\r\n" + H + b"\r\n", None),
+        (b"GET /h\xffz HTTP/1.1\r\n" + H + b"\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\n" + H + b"No-Colon\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\n" + H + b"Bad Name: x\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\n" + H + b"Content-Length: -1\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\n" + H + b"Content-Length: 1\r\nContent-Length: 1\r\n\r\nx", 400),
+        (b"GET /healthz HTTP/1.1\r\n" + H + H + b"\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\n\r\n", 400),
+        (b"POST /reload HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+        (f"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_BODY + 1}\r\n\r\n".encode(), 413),
+        (b"GET /healthz HTTP/1.1\r\n" + H + b"X-A: b\r\n" * MAX_HEADERS + b"\r\n", 431),
+        (b"GET /healthz HTTP/1.1\r\n" + H + b"X-Big: " + b"a" * (MAX_REQUEST_HEAD + 100) + b"\r\n\r\n", 431),
+        (b"GET /healthz HTTP/1.1\r\n" + H + b"X-Big: " + b"a" * (16 * MAX_REQUEST_HEAD) + b"\r\n\r\n", 431),
+        (b"GET /route?" + b"&".join(b"a%d=1" % i for i in range(40)) + b" HTTP/1.1\r\n" + H + b"\r\n", 401),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64), 400),  # a TLS ClientHello
     ],
     ids=[
         "no-version", "double-space", "lower-method", "no-slash", "http2", "non-ascii", "no-colon",
-        "space-in-name", "negative-length", "repeated-length", "chunked", "large-body", "many-headers",
-        "huge-head", "many-query-fields-needs-auth-first",
+        "space-in-name", "negative-length", "repeated-length", "repeated-host", "no-host", "chunked",
+        "large-body", "many-headers", "huge-head", "enormous-head", "many-query-fields-needs-auth-first", "tls",
     ],
 )
-def test_malformed_requests(raw: bytes, status: int) -> None:
+def test_malformed_requests(raw: bytes, status: int | None) -> None:
+    """A clean 4xx, or a closed connection (``None``), never a hang: the read is bounded by WAIT."""
+
     async def scenario(server: AdminServer, addr: Addr) -> None:
-        assert (await send_raw(addr, raw)).status == status
+        data = await read_raw(addr, raw)
+        if status is None:
+            assert data == b""
+        else:
+            assert _parse_reply(data).status == status
 
     serve(scenario)
 
