@@ -83,7 +83,7 @@ class GuardedProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.peer = peer_key(transport.get_extra_info("peername"))
         if not self._guard.admit(self):
-            transport.abort()
+            self.transport.abort()
             return
         self._admitted = True
         loop = asyncio.get_running_loop()
