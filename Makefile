@@ -60,15 +60,22 @@ test-optin: $(STAMP) ## the nightly-size acceptance runs
 demo: $(STAMP) ## the main job: an LB and three backends on loopback, real QUIC clients through them
 	$(VENV)/bin/quiclb demo
 
+# The bench dependency group (matplotlib, for the load benchmark's plot), installed once.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q --group bench
+	@touch $(BENCH_STAMP)
+
 .PHONY: bench
-bench: $(STAMP) ## micro-benchmarks (codec decode, routing cost, Maglev quality); JSON in bench/results/
+bench: $(BENCH_STAMP) bench-nginx ## micro-benchmarks, Maglev quality, then the full load set (~15 min); JSON + PNG in bench/results/
 	$(PY) bench/micro_codec.py --save
 	$(PY) bench/micro_router.py --save
 	$(PY) bench/hash_quality.py --save
+	$(PY) bench/load_bench.py --full
 
 # nginx is a baseline: installed with its stream module when missing (root), else the command is printed.
-.PHONY: bench-load
-bench-load: $(STAMP) ## load benchmark: LB capacity vs a C forwarder and nginx (~7 min, 2 CPUs); JSON in bench/results/
+.PHONY: bench-nginx
+bench-nginx:
 	@if ! command -v nginx >/dev/null || ! dpkg -s libnginx-mod-stream >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing nginx and its stream module with apt-get"; \
@@ -78,7 +85,23 @@ bench-load: $(STAMP) ## load benchmark: LB capacity vs a C forwarder and nginx (
 	    echo "  sudo apt-get update -qq && sudo apt-get install -y -qq nginx libnginx-mod-stream"; \
 	  fi; \
 	fi
-	$(PY) bench/load_compare.py --save
+
+.PHONY: bench-load
+bench-load: $(BENCH_STAMP) bench-nginx ## the full load set: CPU/datagram + capacity vs a C forwarder and nginx (~12 min, 2 CPUs)
+	$(PY) bench/load_bench.py --full
+
+.PHONY: bench-quick
+bench-quick: $(BENCH_STAMP) bench-nginx ## load benchmark, 100 B forward path only (< 2 min): bench/results/quick.json + .png
+	$(PY) bench/load_bench.py --quick
+
+.PHONY: bench-reference
+bench-reference: $(BENCH_STAMP) bench-nginx ## full load set into bench/reference/, then regenerate the README's performance table
+	$(PY) bench/load_bench.py --full --out bench/reference/load.json
+	$(PY) bench/report.py
+
+.PHONY: bench-report
+bench-report: $(STAMP) ## regenerate the README's performance table from bench/reference/load.json
+	$(PY) bench/report.py
 
 .PHONY: clean
 clean: ## remove the virtualenv and caches

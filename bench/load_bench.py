@@ -158,6 +158,8 @@ def main() -> int:
     ap.add_argument("--scenarios", nargs="+", help="run only these scenarios of the plan (by name)")
     ap.add_argument("--fixed-rate", type=int, help="datagrams/s for the CPU rounds (default: picked per scenario)")
     ap.add_argument("--rounds", type=int, help="interleaved CPU rounds per scenario (quick 3, full 5)")
+    ap.add_argument("--step-seconds", type=float, help="capacity step length (quick 1, full 2)")
+    ap.add_argument("--cpu-seconds", type=float, help="CPU round step length (quick 2, full 3)")
     ap.add_argument("--rss-seconds", type=float, default=60.0, help="length of the RSS run (full only; 0 skips)")
     ap.add_argument("--latency-count", type=int, default=3000, help="pings per target and round (0 skips)")
     ap.add_argument("--max-seconds", type=float, help="wall-clock limit (quick 110, full 1500)")
@@ -191,6 +193,8 @@ def main() -> int:
     rounds = args.rounds or (3 if quick else 5)
     if not 1 <= rounds <= 20:
         ap.error("--rounds must be 1..20")
+    if any(x is not None and not 0.5 <= x <= 30 for x in (args.step_seconds, args.cpu_seconds)):
+        ap.error("--step-seconds and --cpu-seconds must be 0.5..30")
     print(f"load bench ({'quick' if quick else 'full'}): {', '.join(sc.name for sc in plan)}; pinning "
           + (f"target CPU {target_cpu}, generator+sinks CPU {load_cpu}" if target_cpu is not None else "off")
           + f"; at most {max_seconds:.0f} s", file=sys.stderr, flush=True)
@@ -215,7 +219,8 @@ def main() -> int:
         env = Env(tools=tools, host=host, target_cpu=target_cpu, load_cpu=load_cpu, work=Path(tmp),
                   bench=Bench(tools["udp_blast"], host, load_cpu, started_at + max_seconds),
                   nginx=(nginx_exe, module), io_choices=io_choices, probe_seconds=1.0,
-                  step_seconds=1.0 if quick else 2.0, cpu_seconds=2.0 if quick else 3.0, rounds=rounds,
+                  step_seconds=args.step_seconds or (1.0 if quick else 2.0),
+                  cpu_seconds=args.cpu_seconds or (2.0 if quick else 3.0), rounds=rounds,
                   fixed_rate=args.fixed_rate, max_seconds=max_seconds, notes=notes)
         doc["timing"] = {"probe_seconds": env.probe_seconds, "step_seconds": env.step_seconds,
                          "cpu_step_seconds": env.cpu_seconds, "rounds": rounds}

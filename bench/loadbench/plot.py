@@ -33,7 +33,7 @@ def write_plot(doc: dict[str, Any], path: Path) -> Path | None:
         cpu = t.get("cpu", {})
         med = cpu.get("cpu_us_median")
         if med is not None:
-            err = [[med - cpu["cpu_us_min"]], [cpu["cpu_us_max"] - med]]
+            err = [[max(0.0, med - cpu["cpu_us_min"])], [max(0.0, cpu["cpu_us_max"] - med)]]
             ax_cpu.barh(y, med, color=color, xerr=err, capsize=2)
             ax_cpu.text(med, y, f" {med:.2f}", va="center", fontsize=7)
         cap = t["capacity"]

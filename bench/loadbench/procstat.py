@@ -103,6 +103,19 @@ def udp_drops() -> dict[int, int]:
     return drops
 
 
+def kernel_drops() -> dict[str, int]:
+    """Drops outside any one socket's counter: the per-CPU input backlog (softnet_stat column 2, which
+    overflows when the sending CPU cannot deliver fast enough on loopback) and UDP receive-buffer errors."""
+    out = {"softnet_dropped": 0, "udp_rcvbuf_errors": 0}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/net/softnet_stat").read_text().splitlines():
+            out["softnet_dropped"] += int(line.split()[1], 16)
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        rows = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines() if ln.startswith("Udp:")]
+        out["udp_rcvbuf_errors"] = int(rows[1][rows[0].index("RcvbufErrors")])
+    return out
+
+
 def choose_cpus(no_pin: bool) -> tuple[int | None, int | None]:
     """(target CPU, load CPU): 0 and 1 when both are allowed, else no pinning."""
     allowed = os.sched_getaffinity(0)
