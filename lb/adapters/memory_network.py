@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 from lb.core.addresses import Address, normalize_address
 
-#: The largest UDP payload over IPv4 (65535 - 20 IP - 8 UDP); Linux refuses more with EMSGSIZE.
-MAX_UDP_PAYLOAD = 65507
+#: The largest UDP payload by IP version (65535 - 20 IP - 8 UDP; IPv6's length excludes its header).
+MAX_UDP_PAYLOAD = {4: 65507, 6: 65527}
 #: Ports handed out for binds to port 0 (the Linux ephemeral range).
 EPHEMERAL_PORTS = range(32768, 61000)
 
@@ -57,13 +57,14 @@ class MemoryEndpoint:
         self.on_datagram = on_datagram
         self.closed = False
         self._v6 = ":" in address[0]
+        self._max_payload = MAX_UDP_PAYLOAD[6 if self._v6 else 4]
 
     def sendto(self, data: bytes, address: Address) -> None:
         if self.closed:
             raise OSError(errno.EBADF, "endpoint closed")
         if (":" in address[0]) != self._v6:
             raise OSError(errno.EAFNOSUPPORT, "address family mismatch")
-        if len(data) > MAX_UDP_PAYLOAD:
+        if len(data) > self._max_payload:
             raise OSError(errno.EMSGSIZE, "Message too long")
         self.network.send(Packet(self.address, normalize_address(address), bytes(data)))
 

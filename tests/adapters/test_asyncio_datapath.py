@@ -50,12 +50,14 @@ def test_refused_forwards_count_as_unreachable_and_the_inside_socket_survives(lo
     sink.bind(("127.0.0.1", 0))
     sink.settimeout(5)
     good = Backend(b"\x00\x01", ("127.0.0.1", sink.getsockname()[1]))
-    wrong_family = Backend(b"\x00\x02", ("::1", 9))
+    broadcast = Backend(b"\x00\x02", ("255.255.255.255", 9))  # EACCES without SO_BROADCAST
+    wrong_family = Backend(b"\x00\x03", ("::1", 9))
     vip = ("127.0.0.1", free_udp_port())
-    table = build_service_table(name="echo", vip=vip, cid_configs=[CFG], backends=[good, wrong_family],
+    table = build_service_table(name="echo", vip=vip, cid_configs=[CFG], backends=[good, broadcast, wrong_family],
                                 fallback_key=b"k")
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.bind(("127.0.0.1", 0))
+    refused = ["0001", "0002", "0003"]
 
     async def main() -> None:
         datapath = AsyncioDatapath(socket_opener("asyncio"))
@@ -65,11 +67,12 @@ def test_refused_forwards_count_as_unreachable_and_the_inside_socket_survives(lo
             to_good = short_header(encode_cid(CFG, b"\x00\x01", os.urandom(14)))
             # 65507 bytes is the largest IPv4 UDP payload: with the PROXY header it cannot be sent.
             client.sendto(to_good + bytes(65507 - len(to_good)), vip)
-            client.sendto(short_header(encode_cid(CFG, b"\x00\x02", os.urandom(14))), vip)
-            client.sendto(to_good, vip)  # after both failures the inside socket still forwards
-            await wait_for(lambda: datapath.stats().rx_client_datagrams == 3)
+            for sid in refused[1:]:
+                client.sendto(short_header(encode_cid(CFG, bytes.fromhex(sid), os.urandom(14))), vip)
+            client.sendto(to_good, vip)  # after the failures the inside socket still forwards
+            await wait_for(lambda: datapath.stats().rx_client_datagrams == len(refused) + 1)
             stats = datapath.stats()
-            assert stats.backend_unreachable == {("echo", "0001"): 1, ("echo", "0002"): 1}
+            assert stats.backend_unreachable == {("echo", sid): 1 for sid in refused}
             assert stats.tx_to_backend == {("echo", "0001"): 1}
             data = await asyncio.get_running_loop().run_in_executor(None, sink.recv, 65535)
             assert data.endswith(to_good)
@@ -80,4 +83,31 @@ def test_refused_forwards_count_as_unreachable_and_the_inside_socket_survives(lo
         run_on(loop_name, main)
     finally:
         sink.close()
+        client.close()
+
+
+def test_batched_ports_count_what_they_truncate_as_received_and_dropped() -> None:
+    """Until the mmsg datapath lands, ``--io batched`` is this glue over 2048-byte receive slots."""
+    vip = ("127.0.0.1", free_udp_port())
+    table = build_service_table(name="echo", vip=vip, cid_configs=[CFG], backends=[], fallback_key=b"k")
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    async def main() -> None:
+        datapath = AsyncioDatapath(socket_opener("batched"))
+        await datapath.open_inside(("127.0.0.1", free_udp_port()), ReturnPath([table]))
+        router = Router(table)
+        await datapath.open_vip("echo", vip, router)
+        try:
+            client.sendto(bytes(4000), vip)  # over the slot size: dropped by the port, not routed
+            client.sendto(b"", vip)  # routed (malformed)
+            await wait_for(lambda: datapath.stats().rx_client_datagrams == 2)
+            stats = datapath.stats()
+            assert stats.drops == {"rx_truncated": 1}
+            assert stats.rx_client_datagrams == router.stats().total_outcomes() + sum(stats.drops.values())
+        finally:
+            datapath.close()
+
+    try:
+        asyncio.run(main())
+    finally:
         client.close()
