@@ -1,74 +1,311 @@
-"""Load and validate the TOML configuration (design.md §5, a contract).
+"""The configuration: its validated values, and :func:`load_config` that produces them (design.md §5).
 
-One file is read by every LB instance and every backend. It is validated as a
-whole into frozen dataclasses; the first problem found raises
+One TOML file is read by every LB instance and every backend. It is validated
+as a whole into the frozen dataclasses below; the first problem found raises
 :class:`~lb.errors.ConfigError` whose message is ``"<file>: <key path>: <problem>"``,
 for example ``lb.toml: service[0].cid_config[1].nonce_len: must be 4..18, got 3``.
 Nothing is half-applied: callers get a complete :class:`LbConfig` or an error,
 so a failed reload keeps the running configuration (acceptance F-5).
 
+Modules: this one is the model (import everything from here);
+:mod:`lb.control.config_parser` validates a TOML document into it, with the
+primitives of :mod:`lb.control.config_reader`; :mod:`lb.control.config_digest`
+derives :attr:`LbConfig.digest` from the dataclasses' fields; files are read
+through :func:`lb.control.files.read_regular_file`.
+
 Extensions beyond design.md §5 (all optional, keys only added, none renamed):
 top-level ``version``; in ``[lb]``: ``maglev_size``, ``health_interval``,
 ``health_timeout``, ``health_threshold``, ``supported_versions``, ``lb_sources``
 and ``admin_bind_any``.
-
-Identity: :attr:`LbConfig.digest` is a SHA-256 over a canonical JSON form of
-the validated values, with key material replaced by fingerprints, so every
-process that reads equal files (and equal key files) reports the same digest
-(design implication 5). It does not depend on where the file lives.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import re
 import tomllib
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from lb.control.config_model import (
-    DEFAULT_MAGLEV_SIZE,
-    DEFAULT_SUPPORTED_VERSIONS,
-    MAGLEV_SLOTS_PER_BACKEND,
-    MAX_CID_CONFIGS,
-    MAX_MAGLEV_SIZE,
-    Address,
-    BackendConfig,
-    BackendState,
-    LbConfig,
-    LbSection,
-    ReturnMode,
-    ServiceConfig,
-    UnroutableShortHeader,
-    derive_fallback_key,
-    parse_address,
-)
-from lb.control.config_parser import Parser
 from lb.control.files import MAX_CONFIG_BYTES, read_regular_file
-from lb.core.addresses import format_address
-from lb.core.maglev import is_prime
+from lb.core.cid_config import CidConfig
+from lb.core.maglev import DEFAULT_TABLE_SIZE, MIN_SLOTS_PER_BACKEND
 from lb.errors import ConfigError, LbError
 
-__all__ = [
-    "DEFAULT_MAGLEV_SIZE",
-    "DEFAULT_SUPPORTED_VERSIONS",
-    "MAGLEV_SLOTS_PER_BACKEND",
-    "MAX_CID_CONFIGS",
-    "MAX_MAGLEV_SIZE",
-    "Address",
-    "BackendConfig",
-    "BackendState",
-    "LbConfig",
-    "LbSection",
-    "ReturnMode",
-    "ServiceConfig",
-    "UnroutableShortHeader",
-    "derive_fallback_key",
-    "format_address",
-    "is_prime",
-    "load_config",
-    "parse_address",
-    "parse_config",
-]
+Address = tuple[str, int]
+
+#: Default Maglev table size M (prime; Maglev paper's default).
+DEFAULT_MAGLEV_SIZE = DEFAULT_TABLE_SIZE
+#: M must be at least this many times the backend count for good balance (Maglev §3.4).
+MAGLEV_SLOTS_PER_BACKEND = MIN_SLOTS_PER_BACKEND
+#: Smallest M: the first prime >= 100 slots for one backend.
+MIN_MAGLEV_SIZE = 101
+#: Upper bound on M (the largest prime below 2**18): the pure-Python build of
+#: lb/core/maglev.py takes ~0.15-0.2 s at this size with 10-2621 backends on the
+#: 2-core reference machine (65537: ~30 ms; 1048573: ~0.5-0.65 s), and a table is
+#: rebuilt on every health change and reload. It still allows 2621 backends per service.
+MAX_MAGLEV_SIZE = 262139
+#: Health probe schedule bounds, seconds (interval, timeout) and probes (threshold): below
+#: the interval's floor the prober burns a core; above it a dead backend goes unnoticed for
+#: an hour (3600 s is how benchmarks switch probing practically off). A timeout above the
+#: interval would silently stretch the interval (one probe is outstanding per backend).
+HEALTH_INTERVAL_RANGE = (0.05, 3600.0)
+HEALTH_TIMEOUT_RANGE = (0.01, 60.0)
+HEALTH_THRESHOLD_RANGE = (1, 100)
+#: QUIC versions aioquic 1.7.2 backends speak: v1 (RFC 9000) and v2 (RFC 9369).
+DEFAULT_SUPPORTED_VERSIONS: tuple[int, ...] = (0x00000001, 0x6B3343CF)
+MAX_CID_CONFIGS = 7
+_PORT = re.compile(r"[0-9]{1,5}")
+_FALLBACK_PERSON = b"quiclb-fallback"
+_KEYSET_PERSON = b"quiclb-keyset"
+
+# How a field enters LbConfig.digest (lb.control.config_digest reads these). A field without
+# metadata enters with its value, so a new field is in the digest unless it says why not.
+DIGEST = "digest"
+#: Left out; the field's docstring says why (derived from other fields, or not content).
+DIGEST_OMIT = {DIGEST: "omit"}
+#: Key material: a one-way fingerprint, never the bytes.
+DIGEST_FINGERPRINT = {DIGEST: "fingerprint"}
+#: Only whether it is set (its content enters through another field).
+DIGEST_PRESENCE = {DIGEST: "presence"}
+
+
+def digest_sorted_by(attribute: str) -> dict[str, str]:
+    """A collection whose order does not matter: it enters sorted by each item's ``attribute``."""
+    return {DIGEST: "sorted", "sort_by": attribute}
+
+
+class ReturnMode(StrEnum):
+    """How backend replies reach the client (design.md §4)."""
+
+    VIA_LB = "via-lb"
+    DIRECT = "direct"
+
+
+class BackendState(StrEnum):
+    """``DRAINING`` backends keep their connections but get no new ones from the fallback."""
+
+    ACTIVE = "active"
+    DRAINING = "draining"
+
+
+class UnroutableShortHeader(StrEnum):
+    """What happens to a short header whose DCID names no backend (design.md §3 step 5)."""
+
+    DROP = "drop"
+    FALLBACK = "fallback"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One ``[[service.backend]]``."""
+
+    server_id: bytes
+    """The backend's server ID, ``server_id_len`` bytes, the same under every cid_config."""
+    address: Address
+    """Where the LB sends encapsulated datagrams."""
+    state: BackendState
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """One ``[[service]]``: a VIP, its QUIC-LB configurations and its backends.
+
+    A service may have zero backends (an LB may start empty); the fallback then
+    drops every datagram it would hash.
+    """
+
+    name: str
+    vip: Address
+    certificate: Path | None
+    private_key: Path | None
+    cid_configs: tuple[CidConfig, ...]
+    """In file order; the LB decodes with all of them, backends mint with the last one."""
+    backends: tuple[BackendConfig, ...] = field(metadata=digest_sorted_by("server_id"))
+    """In file order; the digest sorts them (tables are built sorted by server ID)."""
+    fallback_key: bytes = field(repr=False, metadata=DIGEST_FINGERPRINT)
+    """32-byte Maglev fallback hash key, the same in every process (:func:`derive_fallback_key`)."""
+    linkable: bool = field(metadata=DIGEST_OMIT)
+    """True when any cid_config is plaintext: its CIDs are linkable (metrics say so, S-2).
+    Not in the digest: derived from ``cid_configs``."""
+
+    def newest_cid_config(self) -> CidConfig:
+        """The configuration backends mint new CIDs with: the last one listed."""
+        return self.cid_configs[-1]
+
+    def backend_by_server_id(self, sid: bytes) -> BackendConfig | None:
+        """The backend with server ID ``sid``, or ``None``."""
+        for backend in self.backends:
+            if backend.server_id == sid:
+                return backend
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class LbSection:
+    """The ``[lb]`` table."""
+
+    inside: Address
+    """LB address that backends talk to (and send via-lb replies to)."""
+    return_mode: ReturnMode
+    admin: Address | None
+    """Admin API + /metrics listen address; loopback unless ``admin_bind_any``."""
+    admin_token_file: Path | None
+    """Bearer token file; required whenever ``admin`` is set (acceptance S-7)."""
+    unroutable_short_header: UnroutableShortHeader
+    fallback_key_file: Path | None = field(metadata=DIGEST_PRESENCE)
+    """Only its presence is in the digest; its key enters through each service's ``fallback_key``."""
+    maglev_size: int = DEFAULT_MAGLEV_SIZE
+    """Extension: prime Maglev table size, >= 100 x the backends of every service."""
+    health_interval: float = 0.5
+    """Extension: seconds between health probes to each backend."""
+    health_timeout: float = 0.5
+    """Extension: seconds to wait for a probe reply."""
+    health_threshold: int = 3
+    """Extension: consecutive missed probes that mark a backend down; one answer marks it up again."""
+    supported_versions: tuple[int, ...] = DEFAULT_SUPPORTED_VERSIONS
+    """Extension: QUIC versions the backends speak; others are cheap-rejected (design.md §3)."""
+    lb_sources: tuple[Address, ...] = ()
+    """Extension: extra LB addresses backends accept encapsulated datagrams from, besides ``inside``."""
+    admin_bind_any: bool = False
+    """Extension: allow a non-loopback ``admin`` address (still requires the token file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LbConfig:
+    """The whole validated file."""
+
+    path: Path = field(metadata=DIGEST_OMIT)
+    """Where the file was read from; not in the digest (equal files anywhere have equal digests)."""
+    lb: LbSection
+    services: tuple[ServiceConfig, ...] = field(metadata=digest_sorted_by("name"))
+    version: int
+    """Extension: operator-set monotonic top-level ``version``; 0 when absent."""
+    digest: str = field(metadata=DIGEST_OMIT)
+    """SHA-256 hex of the canonical validated config (:mod:`lb.control.config_digest`)."""
+
+    def service(self, name: str | None) -> ServiceConfig:
+        """The service called ``name``; ``None`` only when the file has exactly one service."""
+        if name is None:
+            if len(self.services) == 1:
+                return self.services[0]
+            names = ", ".join(s.name for s in self.services)
+            raise ConfigError(
+                f"{self.path}: service: {len(self.services)} services are configured ({names}); name one (--service)"
+            )
+        for service in self.services:
+            if service.name == name:
+                return service
+        names = ", ".join(s.name for s in self.services)
+        raise ConfigError(f"{self.path}: service: no service named {name!r} (configured: {names})")
+
+
+# --------------------------------------------------------------------------- public helpers
+
+
+def type_name(value: object) -> str:
+    """How error messages name a TOML value's type ("an integer", "a table", ...)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def parse_address(text: str, where: str, *, allow_port_zero: bool = False) -> Address:
+    """Parse ``"127.0.0.1:4433"`` or ``"[::1]:4433"`` into a normalised ``(ip, port)``.
+
+    The host must be an IP literal: the LB never does DNS. Port 0 is refused
+    unless ``allow_port_zero`` (the admin listener may ask for an ephemeral port).
+    Errors are :class:`ConfigError` starting with ``where``.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f'{where}: must be a string like "127.0.0.1:4433", got {type_name(text)}')
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f'{where}: must be "IP:port" (e.g. "127.0.0.1:4433" or "[::1]:4433"), got {text!r}')
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f'{where}: an IPv6 address needs brackets, e.g. "[::1]:4433", got {text!r}')
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{where}: {host!r} is not an IP address; hostnames are not allowed (the LB does no DNS)"
+        ) from None
+    if bracketed and ip.version == 4:
+        raise ConfigError(f"{where}: brackets are only for IPv6 addresses, got {text!r}")
+    if isinstance(ip, ipaddress.IPv6Address):
+        # No socket here can bind or reach these (EINVAL): say so now, not at bind time.
+        if ip.scope_id is not None:
+            raise ConfigError(
+                f"{where}: {host!r} has an interface scope (%{ip.scope_id}); scoped addresses are not "
+                "supported, use a global or unique-local IPv6 address"
+            )
+        if ip.ipv4_mapped is not None:
+            raise ConfigError(
+                f"{where}: {host!r} is an IPv4-mapped IPv6 address; IPv6 sockets here are IPv6-only, "
+                f'write the IPv4 address instead ("{ip.ipv4_mapped}:{port_text}")'
+            )
+        if ip.is_link_local:
+            raise ConfigError(
+                f"{where}: {host!r} is an IPv6 link-local address (fe80::/10), which needs an interface "
+                "scope; use a global or unique-local IPv6 address"
+            )
+    if not _PORT.fullmatch(port_text):
+        raise ConfigError(f"{where}: port must be a decimal number, got {port_text!r}")
+    port = int(port_text)
+    low = 0 if allow_port_zero else 1
+    if not low <= port <= 65535:
+        raise ConfigError(f"{where}: port must be {low}..65535, got {port}")
+    return (str(ip), port)
+
+
+def format_address(address: Address) -> str:
+    """Inverse of :func:`parse_address`: ``"127.0.0.1:4433"`` / ``"[::1]:4433"``."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def derive_fallback_key(service_name: str, cid_keys: Collection[bytes], fallback_file_key: bytes | None) -> bytes:
+    """The 32-byte fallback hash key of a service; a pure function of the configuration.
+
+    With ``[lb].fallback_key_file``: ``blake2b(key=file key, person="quiclb-fallback",
+    data=service name)`` - one secret shared by all services, domain-separated by name.
+    Otherwise the key is the sorted concatenation of the service's CID keys
+    (pre-hashed to 64 bytes, since up to 7 x 16 bytes exceeds blake2b's key limit).
+    Never process-local randomness: every LB instance must compute the same
+    Maglev table (design.md §3).
+
+    Security note: a service whose configurations are all plaintext has no
+    secret to derive from, so its fallback key is public and clients can steer
+    Initials to a chosen backend (acceptance S-6). Such services should set
+    ``fallback_key_file``.
+    """
+    if fallback_file_key is not None:
+        hash_key = fallback_file_key
+    elif cid_keys:
+        hash_key = hashlib.blake2b(b"".join(sorted(cid_keys)), person=_KEYSET_PERSON).digest()
+    else:
+        hash_key = b""
+    return hashlib.blake2b(service_name.encode("utf-8"), digest_size=32, key=hash_key, person=_FALLBACK_PERSON).digest()
+
+
+# --------------------------------------------------------------------------- loading
 
 
 def load_config(path: str | Path) -> LbConfig:
@@ -102,17 +339,15 @@ def load_config(path: str | Path) -> LbConfig:
     return parse_config(data, path)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
-
-
 def parse_config(data: dict[str, Any], path: Path) -> LbConfig:
     """Validate an already-parsed TOML document; relative paths resolve against ``path.parent``.
 
     Raises only :class:`~lb.errors.ConfigError`: a failure the validator did not
     anticipate (a bug, or a document nested too deeply) is reported as one.
     """
+    # The parser builds the model defined above, so it is imported here, not at the top.
+    from lb.control.config_parser import Parser  # noqa: PLC0415
+
     path = Path(path)
     try:
         return Parser(path).parse(data)
@@ -122,3 +357,8 @@ def parse_config(data: dict[str, Any], path: Path) -> LbConfig:
         raise ConfigError(f"{path}: values are nested too deeply to validate; refusing them") from None
     except Exception as exc:
         raise ConfigError(f"{path}: unexpected error while validating: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__

@@ -72,7 +72,7 @@ def read_regular_file(path: Path | str, max_bytes: int, what: str) -> FileConten
     try:
         fd = os.open(path, flags)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot open {what}: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

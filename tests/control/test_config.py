@@ -21,13 +21,13 @@ from lb.control.config import (
     ReturnMode,
     UnroutableShortHeader,
     derive_fallback_key,
-    is_prime,
     load_config,
     parse_address,
     parse_config,
 )
 from lb.control.keys import write_key_file
 from lb.core.cid_config import CidMode
+from lb.core.maglev import is_prime
 from lb.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,7 +160,7 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
     # F-5: key length, sid + nonce > 19, duplicate IDs, config 7, M not prime.
     ("key-15-bytes", _set(_cfg, "key_file", "keys/short.key"), f"{C0}.key_file", "32 hex digits"),
     ("key-world-readable", _set(_cfg, "key_file", "keys/bad.key"), f"{C0}.key_file", "chmod 600"),
-    ("key-missing", _set(_cfg, "key_file", "keys/nope.key"), f"{C0}.key_file", "cannot open key file"),
+    ("key-missing", _set(_cfg, "key_file", "keys/nope.key"), f"{C0}.key_file", "cannot read key file"),
     ("sid-plus-nonce-20", _set(_cfg, "nonce_len", 18), f"{C0}.server_id_len + nonce_len", "at most 19"),
     ("nonce-3", lambda d: _second_config(d, nonce_len=3), f"{C1}.nonce_len", "must be 4..18, got 3"),
     ("sid-0", _set(_cfg, "server_id_len", 0), f"{C0}.server_id_len", "must be 1..15"),
@@ -300,7 +300,7 @@ BAD_CASES: list[tuple[str, Mutation, str, str]] = [
     ("admin-public", _set(_lb, "admin", "10.1.2.3:9100"), "lb.admin", "not a loopback"),
     ("admin-any-v6", _set(_lb, "admin", "[::]:9100"), "lb.admin", "not a loopback"),
     ("admin-token-loose", _set(_lb, "admin_token_file", "loose.token"), "lb.admin_token_file", "chmod 600"),
-    ("admin-token-missing", _set(_lb, "admin_token_file", "nope.token"), "lb.admin_token_file", "cannot open"),
+    ("admin-token-missing", _set(_lb, "admin_token_file", "nope.token"), "lb.admin_token_file", "cannot read"),
     ("health-interval-0", _set(_lb, "health_interval", 0), "lb.health_interval", "must be 0.05..3600 seconds"),
     ("health-timeout-neg", _set(_lb, "health_timeout", -0.5), "lb.health_timeout", "must be 0.01..60 seconds"),
     # Issue 12 item 10: absurd but positive values are refused, naming the range.
@@ -464,11 +464,6 @@ def test_parse_address_names_where() -> None:
     assert parse_address("127.0.0.1:0", "x", allow_port_zero=True) == ("127.0.0.1", 0)
 
 
-def test_is_prime() -> None:
-    assert [n for n in range(30) if is_prime(n)] == [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]
-    assert is_prime(65537) and not is_prime(65535) and is_prime(16777213)
-
-
 # --------------------------------------------------------------------------- TOML files
 
 
@@ -487,7 +482,7 @@ def test_toml_not_utf8(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot open configuration: No such file"):
+    with pytest.raises(ConfigError, match="cannot read configuration: No such file"):
         load_config(tmp_path / "absent.toml")
 
 

@@ -142,7 +142,7 @@ def test_read_accepts_owner_read_only(tmp_path: Path) -> None:
 
 
 def test_read_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot open key file"):
+    with pytest.raises(ConfigError, match="cannot read key file: No such file"):
         read_key_file(tmp_path / "absent.key")
 
 
