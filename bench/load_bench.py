@@ -155,7 +155,8 @@ def main() -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fwd-100 only, short steps: bench/results/quick.json")
     mode.add_argument("--full", action="store_true", help="every scenario, latency and RSS (the default)")
-    ap.add_argument("--scenarios", nargs="+", help="run only these scenarios of the plan (by name)")
+    ap.add_argument("--scenarios", nargs="+",
+                    help="run only these scenarios of the plan (by name; also 'latency', 'rss')")
     ap.add_argument("--fixed-rate", type=int, help="datagrams/s for the CPU rounds (default: picked per scenario)")
     ap.add_argument("--rounds", type=int, help="interleaved CPU rounds per scenario (quick 3, full 5)")
     ap.add_argument("--step-seconds", type=float, help="capacity step length (quick 1, full 2)")
@@ -231,9 +232,10 @@ def main() -> int:
                 except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                     notes.append(f"{sc.name} failed: {str(e).splitlines()[0]}")
                     env.log(f"  FAILED: {e}")
-            if not quick and not args.scenarios and args.latency_count > 0:
+            wanted = set(args.scenarios or ["latency", "rss"])
+            if not quick and "latency" in wanted and args.latency_count > 0:
                 doc["latency"] = run_latency(env, args.latency_count)
-            if not quick and not args.scenarios and args.rss_seconds > 0:
+            if not quick and "rss" in wanted and args.rss_seconds > 0:
                 doc["rss"] = run_rss(env, args.rss_seconds, 30_000)
         except TimeoutError as e:
             notes.append(f"stopped early: {e}; results are partial")
