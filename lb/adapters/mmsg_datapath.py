@@ -35,19 +35,24 @@ import ctypes
 import errno
 import select
 import socket
-from collections.abc import Callable
+from typing import cast
 
 from lb.adapters.datapath import DatagramHandler, DatapathStats
 from lb.adapters.mmsg import (
     BATCH,
     IOV_SIZE,
+    LIBC,
+    MSG_DONTWAIT,
     MSG_SIZE,
     MSG_TRUNC,
     MSG_WORDS,
     SOCKADDR_BYTES,
+    SOCKADDR_IN6_BYTES,
+    SOCKADDR_IN_BYTES,
     Iovec,
     ReceiveRing,
     SendArray,
+    check_errno,
     decode_sockaddr,
     encode_sockaddr,
     word_view,
@@ -56,7 +61,8 @@ from lb.adapters.udp_socket import bind_udp
 from lb.core.addresses import Address, normalize_address
 from lb.core.encapsulation import PROXY_V2_SIGNATURE
 from lb.core.return_path import ReplySender, ReturnOutcome, ReturnPath
-from lb.core.router import Outcome, RouteDecision, Router
+from lb.core.router import ByteSlicer, Outcome, RouteDecision, Router
+from lb.core.service_table import ServiceTable
 
 #: Batches drained per readiness callback before other sockets get a turn.
 MAX_BATCHES_PER_WAKEUP = 8
@@ -127,9 +133,20 @@ class MmsgVipPort:
         iov_at = ctypes.addressof(self._iov)
         self._iov_ptrs = [iov_at + 6 * i * IOV_SIZE for i in range(ring.batch)]
         self.send = SendArray()
+        # Every forward leaves from the inside socket, so every destination has its family's
+        # sockaddr length; a backend of the other family fails with EINVAL and is counted.
+        assert datapath.inside is not None, "open_inside before open_vip"
+        namelen = SOCKADDR_IN6_BYTES if datapath.inside.family == socket.AF_INET6 else SOCKADDR_IN_BYTES
         for j in range(ring.batch):
+            self.send.words[j * MSG_WORDS + 1] = namelen  # msg_namelen
             self.send.words[j * MSG_WORDS + 3] = 6  # msg_iovlen
+        self._send_ptr = self.send.pointers[0]
+        # backend label -> pointer to its sockaddr, for the table it was built from
+        self._dests: dict[str, int] = {}
+        self._dest_labels: dict[int, str] = {}
+        self._dest_table: object = None
         self._clients: dict[bytes, Address] = {}
+        self._fields: tuple[int, ...] = ()
         # The reply side: replies leave from this socket, one iovec each, names written per reply.
         self.reply = _ReplyQueue()
         self.rx = 0
@@ -149,57 +166,75 @@ class MmsgVipPort:
     def close(self) -> None:
         self._datapath.retire(self)
 
-    def _client_at(self, fields: tuple[int, ...]) -> Callable[[int], Address]:
-        ring, clients = self.ring, self._clients
+    def _client_at(self, i: int) -> Address:
+        """The client address of datagram ``i`` of the current batch (only the fallback asks)."""
+        raw = self.ring.source(i, self._fields[3 * i])
+        addr = self._clients.get(raw)
+        if addr is None:
+            if len(self._clients) >= MAX_CACHED:
+                self._clients.clear()
+            addr = self._clients[raw] = decode_sockaddr(raw)
+        return addr
 
-        def client_at(i: int) -> Address:
-            raw = ring.source(i, fields[3 * i])
-            addr = clients.get(raw)
-            if addr is None:
-                if len(clients) >= MAX_CACHED:
-                    clients.clear()
-                addr = clients[raw] = decode_sockaddr(raw)
-            return addr
-
-        return client_at
+    def _refresh_destinations(self, table: ServiceTable) -> None:
+        self._dests = {b.label: self._datapath.destination(b.address) for b in table.backends.values()}
+        self._dest_labels = {pointer: label for label, pointer in self._dests.items()}
+        self._dest_table = table
 
     def readable(self) -> None:
-        ring, route_batch, slot = self.ring, self._router.route_batch, self.ring.slot_bytes
-        dests = self._datapath.destinations
-        words, iov_words, iov_ptrs = self.send.words, self._iov_words, self._iov_ptrs
+        """Drain the VIP socket: per batch one recvmmsg, one route_batch, one sendmmsg.
+
+        The receive and send calls are inlined here rather than behind the ring's
+        methods: at a few datagrams per wakeup, Python call overhead per batch is
+        a visible part of the cost per datagram.
+        """
+        assert LIBC is not None
+        ring, router = self.ring, self._router
+        recvmmsg, sendmmsg, null = LIBC.recvmmsg, LIBC.sendmmsg, LIBC.null
+        fd, batch, slot, view = self.fd, ring.batch, ring.slot_bytes, ring.view
+        raw = cast(ByteSlicer, ring.buffers)  # a c_char array: its slices are bytes
+        msgs_ptr, fields_of, msg_bytes, pristine = ring.msgs_ptr, ring.fields, ring.msg_bytes, ring.pristine
+        words, iov_words, iov_ptrs, send_ptr = self.send.words, self._iov_words, self._iov_ptrs, self._send_ptr
+        inside_fd, client_at = self._datapath.inside_fd, self._client_at
         for _ in range(MAX_BATCHES_PER_WAKEUP):
-            try:
-                n, fields = ring.receive(self.fd)
-            except OSError:
-                _count(self._datapath.socket_errors, "vip")
+            n = recvmmsg(fd, msgs_ptr, batch, MSG_DONTWAIT, null)
+            if n <= 0:
+                if n < 0:
+                    self._receive_failed()
                 return
-            if n == 0:
-                return
+            self._fields = fields = fields_of[n](msg_bytes)
+            msg_bytes[: n * MSG_SIZE] = pristine[: n * MSG_SIZE]  # the kernel wrote namelen, flags, len
             self.rx += n
             lengths = fields[2::3]
-            client_at = self._client_at(fields)
             if max(fields[1::3]) & MSG_TRUNC:  # cannot happen with 64 KiB slots; counted if it does
-                decisions = self._route_untruncated(fields, client_at)
+                decisions = self._route_untruncated(fields)
             else:
-                decisions = route_batch(ring.view, slot, lengths, client_at)
+                decisions = router.route_batch(view, slot, lengths, client_at, raw)
+            if router.table is not self._dest_table:
+                self._refresh_destinations(router.table)
+            dests = self._dests
             j = 0
             for i in range(n):
                 backend = decisions[i][1]
                 if backend is None:
                     continue
-                dest = dests.get(backend.address) or self._datapath.add_destination(backend.address)
-                w = j * MSG_WORDS
-                words[w] = dest[0]
-                words[w + 1] = dest[1]
+                w = j << 3  # MSG_WORDS
+                words[w] = dests[backend.label]
                 words[w + 2] = iov_ptrs[i]
                 iov_words[12 * i + 11] = lengths[i]
                 j += 1
-            if j:
-                self._flush(j)
-            if n < ring.batch:
+            if j and sendmmsg(inside_fd, send_ptr, j, 0) != j:
+                self._flush(j)  # partly sent or refused: find out which, count the rest
+            if n < batch:
                 return
 
-    def _route_untruncated(self, fields: tuple[int, ...], client_at: Callable[[int], Address]) -> list[RouteDecision]:
+    def _receive_failed(self) -> None:
+        try:
+            check_errno("recvmmsg")
+        except OSError:
+            _count(self._datapath.socket_errors, "vip")
+
+    def _route_untruncated(self, fields: tuple[int, ...]) -> list[RouteDecision]:
         """The rare batch with a cut datagram: count those as the adapter's drop, route the others one by one."""
         decisions: list[RouteDecision] = []
         view, slot = self.ring.view, self.ring.slot_bytes
@@ -209,13 +244,16 @@ class MmsgVipPort:
                 decisions.append((Outcome.MALFORMED_DROPPED, None))  # not a router outcome: never counted there
             else:
                 def client(k: int, base: int = i) -> Address:
-                    return client_at(base + k)
+                    return self._client_at(base + k)
 
-                decisions.append(self._router.route_batch(view[i * slot :], slot, [fields[3 * i + 2]], client)[0])
+                datagram = bytes(view[i * slot : i * slot + fields[3 * i + 2]])
+                decisions.append(self._router.route_batch(datagram, 0, [len(datagram)], client)[0])
         return decisions
 
     def _flush(self, count: int) -> None:
-        start, waited, fd = 0, False, self._datapath.inside_fd
+        """Send messages ``0 .. count-1`` again from the first unsent one, counting each refusal."""
+        fd = self._datapath.inside_fd
+        start, sent, waited = 0, 0, False
         while start < count:
             sent, err = self.send.send(fd, start, count - start)
             start += sent
@@ -232,9 +270,7 @@ class MmsgVipPort:
             start += 1
 
     def _not_sent(self, entry: int, err: int | None) -> None:
-        address = self._datapath.destination_of(self.send.words[entry * MSG_WORDS])
-        backend = next((b for b in self._router.table.backends.values() if b.address == address), None)
-        label = backend.label if backend is not None else "?"
+        label = self._dest_labels.get(self.send.words[entry * MSG_WORDS], "?")
         _count(self.not_sent, label)
         if err is None:
             _count(self.drops, "tx_queue_full")
@@ -266,7 +302,6 @@ class MmsgDatapath:
     def __init__(self) -> None:
         self.ports: dict[Address, MmsgVipPort] = {}
         self._retired_ports: list[MmsgVipPort] = []
-        self.destinations: dict[Address, tuple[int, int]] = {}
         self._dest = _Destinations()
         self.inside: socket.socket | None = None
         self.inside_fd = -1
@@ -363,13 +398,10 @@ class MmsgDatapath:
 
     # -- forwarding helpers -----------------------------------------------------------
 
-    def add_destination(self, address: Address) -> tuple[int, int]:
-        entry = self._dest.add(address)
-        self.destinations[address] = entry
-        return entry
-
-    def destination_of(self, pointer: int) -> Address | None:
-        return self._dest.by_pointer.get(pointer)
+    def destination(self, address: Address) -> int:
+        """Pointer to the sockaddr of ``address`` (made once per address, kept for the process)."""
+        entry = self._dest.by_address.get(address)
+        return (entry or self._dest.add(address))[0]
 
     # -- the return path ----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from lb.adapters.mmsg import SendArray, mmsg_available
+from lb.adapters.mmsg import LIBC, mmsg_available
 from lb.adapters.mmsg_datapath import MmsgDatapath
 from lb.core.addresses import Address
 from lb.core.cid_config import CidConfig
@@ -198,7 +198,10 @@ def test_a_full_socket_buffer_is_counted_as_dropped(monkeypatch: pytest.MonkeyPa
             await dp.open_inside(inside, ReturnPath([tbl], own_addresses=[inside]))
             router = Router(tbl)
             port = await dp.open_vip("svc", vip, router)
-            monkeypatch.setattr(SendArray, "send", lambda self, fd, start, count: (0, errno.EAGAIN))
+            # sendmmsg refuses everything with EAGAIN (a full socket buffer).
+            assert LIBC is not None
+            monkeypatch.setattr(LIBC, "sendmmsg", lambda fd, msgs, count, flags: -1)
+            monkeypatch.setattr(type(LIBC), "errno", property(lambda self: errno.EAGAIN))
             monkeypatch.setattr("lb.adapters.mmsg_datapath._wait_writable", lambda fd, seconds: False)
             for i in range(10):
                 client.sendto(short_header(cid_of(1, i)), vip)
