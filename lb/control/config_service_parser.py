@@ -21,7 +21,9 @@ from lb.control.config import (
     format_address,
 )
 from lb.control.config_reader import TableReader
+from lb.control.files import check_regular_file
 from lb.core.cid_config import UNROUTABLE_CONFIG_ID, CidConfig
+from lb.errors import ConfigError
 
 _SERVICE_KEYS = frozenset({"name", "vip", "certificate", "private_key", "cid_config", "backend"})
 _CID_CONFIG_KEYS = frozenset({"config_id", "server_id_len", "nonce_len", "key_file", "plaintext", "self_encode_length"})
@@ -80,8 +82,11 @@ class ServiceParser(TableReader):
             missing = "private_key" if private_key is None else "certificate"
             self.fail(f"{where}.{missing}", "certificate and private_key must be set together (or neither)")
         for key, file in (("certificate", certificate), ("private_key", private_key)):
-            if file is not None and not file.is_file():
-                self.fail(f"{where}.{key}", f"file not found: {file}")
+            if file is not None:
+                try:
+                    check_regular_file(file, "TLS file")
+                except ConfigError as exc:
+                    self.fail(f"{where}.{key}", str(exc))
 
         raw_configs = t["cid_config"]
         if not isinstance(raw_configs, list):

@@ -58,6 +58,23 @@ def _size_text(n: int) -> str:
     return f"{n} bytes"
 
 
+def check_regular_file(path: Path | str, what: str) -> None:
+    """Raise :class:`~lb.errors.ConfigError` unless ``path`` is an existing regular file (symlinks followed).
+
+    For files another process reads (backends read the TLS files): the same
+    refusals as :func:`read_regular_file`, without reading.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: {what} is not a regular file ({file_kind(st.st_mode)}); refusing it")
+
+
 def read_regular_file(path: Path | str, max_bytes: int, what: str) -> FileContent:
     """Read the regular file at ``path`` (symlinks followed), refusing anything else.
 

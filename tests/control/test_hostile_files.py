@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,10 @@ import pytest
 from lb.control.config import load_config
 from lb.control.files import MAX_CONFIG_BYTES
 from lb.errors import ConfigError
+from quiclb_harness.admin_client import admin_json, admin_request
 from quiclb_harness.deployment import BackendSpec, Deployment, ServiceSpec
+from quiclb_harness.processes import start_lb
+from quiclb_harness.waiting import wait_until
 
 #: Generous: the fixed code answers in well under a second; today's code hangs on a FIFO forever.
 CLI_TIMEOUT = 30.0
@@ -166,3 +171,68 @@ def test_unexpected_validation_failure_is_a_config_error(dep: Deployment, monkey
     with pytest.raises(ConfigError) as info:
         load_config(dep.path)
     assert str(info.value).startswith(f"{dep.path}: ") and "KeyError" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["certificate", "private_key"])
+def test_fifo_as_tls_file_is_named_for_what_it_is(dep: Deployment, key: str) -> None:
+    tls = dep.directory / "tls"
+    tls.mkdir(exist_ok=True)
+    (tls / "cert.pem").write_text("c")
+    (tls / "key.pem").write_text("k")
+    _fifo(tls / ("cert.pem" if key == "certificate" else "key.pem"))
+    text = dep.path.read_text().replace("[[service]]\n", '[[service]]\ncertificate = "tls/cert.pem"\n'
+                                        'private_key = "tls/key.pem"\n', 1)
+    dep.path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"service\[0\]\.{key}: .*not a regular file \(a FIFO"):
+        load_config(dep.path)
+
+
+# ---- the running LB: a hostile file is a rejected reload, and the LB keeps serving
+
+
+def _deep_config(dep: Deployment) -> None:
+    dep.path.write_text(_deep())
+
+
+def _fifo_config(dep: Deployment) -> None:
+    _fifo(dep.path)
+
+
+def _dev_zero_config(dep: Deployment) -> None:
+    dep.path.unlink()
+    dep.path.symlink_to("/dev/zero")
+
+
+def _fifo_key(dep: Deployment) -> None:
+    _fifo(dep.directory / "keys" / "echo-0.key")
+
+
+@pytest.mark.parametrize("spoil", [_deep_config, _fifo_config, _dev_zero_config, _fifo_key],
+                         ids=["deep-toml", "fifo-config", "dev-zero-config", "fifo-key"])
+@pytest.mark.parametrize("trigger", ["sighup", "post-reload"])
+def test_hostile_file_is_a_rejected_reload_and_the_lb_keeps_serving(
+    dep: Deployment, spoil: Callable[[Deployment], None], trigger: str
+) -> None:
+    lb = start_lb(dep.path)
+    try:
+        host, port = lb.wait_ready()["admin"].rsplit(":", 1)
+        admin = (host, int(port))
+        token = dep.token
+        _, before = admin_json(admin, "/config", token)
+        spoil(dep)
+        if trigger == "sighup":
+            lb.signal(signal.SIGHUP)
+            wait_until(lambda: admin_json(admin, "/config", token)[1]["rejected"] == before["rejected"] + 1,
+                       10.0, "the reload to be rejected")
+        else:
+            status, body = admin_request(admin, "POST", "/reload", token, timeout=10.0)
+            assert status == 422, body
+        _, after = admin_json(admin, "/config", token)
+        assert after["digest"] == before["digest"]  # still the configuration it started with
+        error = after["last_reload_error"]
+        assert error and "\n" not in error and str(dep.directory) in error
+        assert admin_request(admin, "GET", "/healthz", None)[0] == 200
+        assert lb.alive()
+        assert "Traceback" not in lb.output() and "never retrieved" not in lb.output()
+    finally:
+        lb.kill()
