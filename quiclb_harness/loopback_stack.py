@@ -29,8 +29,9 @@ from backends.tls import TlsIdentity, generate_self_signed
 from lb.core.addresses import Address, ip_version
 from lb.core.cid_config import CidConfig
 from lb.core.encapsulation import ProxyHeaderEncoder
+from lb.core.outcomes import Outcome
 from lb.core.return_path import ReturnOutcome, ReturnPath
-from lb.core.router import Outcome, Router
+from lb.core.router import Router
 from lb.core.service_table import Backend, build_service_table
 
 #: A fixed test key (never use outside tests).

@@ -60,8 +60,9 @@ from lb.adapters.mmsg import (
 from lb.adapters.udp_socket import bind_udp
 from lb.core.addresses import Address, normalize_address
 from lb.core.encapsulation import PROXY_V2_SIGNATURE
+from lb.core.outcomes import ByteSlicer, Outcome, RouteDecision
 from lb.core.return_path import ReplySender, ReturnOutcome, ReturnPath
-from lb.core.router import ByteSlicer, Outcome, RouteDecision, Router
+from lb.core.router import Router
 from lb.core.service_table import ServiceTable
 
 #: Batches drained per readiness callback before other sockets get a turn.

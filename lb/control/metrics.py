@@ -32,7 +32,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import CollectorRegistry
 
 from lb.control.snapshot import BackendView, LbSnapshot
-from lb.core.router import Outcome, RouterStats
+from lb.core.outcomes import Outcome, RouterStats
 
 #: Content-Type of the 0.0.4 text format (the default when the scraper sends no ``Accept``).
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from lb.control.config import BackendState, LbConfig
 from lb.core.addresses import format_address
 from lb.core.health import HealthKey, HealthStatus
+from lb.core.outcomes import RouterStats
 from lb.core.return_path import ReturnStats
-from lb.core.router import RouterStats
 from lb.core.service_table import ServiceTable
 
 if TYPE_CHECKING:  # a type only: control never imports the adapters at run time

@@ -32,14 +32,12 @@ sends each datagram to the returned backend.
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
 from lb.core.addresses import Address
 from lb.core.cid_decoder import ConfigDecoder
 from lb.core.maglev import four_tuple_key
+from lb.core.outcomes import OUTCOMES, ByteSlicer, Outcome, RouteDecision, RouterStats
 from lb.core.quic_constants import MIN_INITIAL_DATAGRAM
 from lb.core.quic_header import parse_routing_fields_untrusted
 from lb.core.service_table import Backend, ServiceTable
@@ -47,71 +45,6 @@ from lb.errors import MalformedDatagram
 
 #: Upper bound of the DCID -> backend cache; FIFO eviction beyond it.
 DEFAULT_CACHE_SIZE = 65536
-
-
-class Outcome(enum.IntEnum):
-    """The fate of one client datagram. Names match the exported counters."""
-
-    CID_ROUTED = 0
-    FALLBACK_INITIAL = 1  # long header, client-chosen (undecodable) DCID
-    FALLBACK_UNKNOWN_SID = 2  # long header whose DCID decodes to an unassigned server ID
-    FALLBACK_NO_CONFIG = 3  # short header, 0b111 / unknown config / too short, fallback switch on
-    FALLBACK_SHORT_UNKNOWN_SID = 4  # short header, unassigned server ID, fallback switch on
-    FALLBACK_UNKNOWN_VERSION = 5  # full-size datagram of a version the backends lack: one VN
-    UNROUTABLE_DROPPED = 6  # short header, 0b111 / unknown config / too short
-    UNKNOWN_SID_DROPPED = 7  # short header, server ID of no backend
-    REMOVED_BACKEND_DROPPED = 8  # short header, server ID of a recently removed backend
-    NO_BACKEND_DROPPED = 9  # needed the fallback, but no backend takes new flows
-    MALFORMED_DROPPED = 10
-    SMALL_UNKNOWN_VERSION_DROPPED = 11
-    VN_DROPPED = 12
-
-    @property
-    def forwards(self) -> bool:
-        return self <= Outcome.FALLBACK_UNKNOWN_VERSION
-
-    @property
-    def fallback_reason(self) -> str | None:
-        return _FALLBACK_REASONS.get(self)
-
-
-_FALLBACK_REASONS = {
-    Outcome.FALLBACK_INITIAL: "initial",
-    Outcome.FALLBACK_UNKNOWN_SID: "unknown_sid",
-    Outcome.FALLBACK_NO_CONFIG: "no_config",
-    Outcome.FALLBACK_SHORT_UNKNOWN_SID: "short_unknown_sid",
-    Outcome.FALLBACK_UNKNOWN_VERSION: "unknown_version",
-}
-
-_OUTCOMES = tuple(Outcome)
-
-
-@dataclass(frozen=True)
-class RouterStats:
-    """A snapshot of one router's counters (monotonic; never reset by a table swap)."""
-
-    service: str
-    rx_client_datagrams: int
-    outcomes: Mapping[Outcome, int]
-    malformed: Mapping[str, int]
-    cid_routed: Mapping[tuple[int, str], int]  # (config ID, backend label) -> count
-    #: Datagrams sent to each backend (by label) through the fallback.
-    fallback_routed: Mapping[str, int]
-    cipher_calls: int
-    cache_entries: int
-    cache_evictions: int
-
-    def total_outcomes(self) -> int:
-        return sum(self.outcomes.values())
-
-
-RouteDecision = tuple[Outcome, Backend | None]
-
-
-class ByteSlicer(Protocol):
-    """Memory whose slices are ``bytes`` (``bytes`` itself, a ctypes char array)."""
-
-    def __getitem__(self, index: slice, /) -> bytes: ...
 
 
 #: Placeholder in a batch's decision list until the decision is made (never returned).
@@ -147,7 +80,7 @@ class Router:
         self.table = table
         self._cache: dict[bytes, _CidRoute] = {}
         self._cache_size = cache_size
-        self._counts = [0] * len(_OUTCOMES)  # CID_ROUTED lives in the _CidRoute counters
+        self._counts = [0] * len(OUTCOMES)  # CID_ROUTED lives in the _CidRoute counters
         self._malformed: dict[str, int] = {}
         self._routes: dict[tuple[int, bytes], _CidRoute] = {}  # of the current table
         self._retired_cid_routed: dict[tuple[int, str], int] = {}  # counts of earlier tables' routes
@@ -431,7 +364,7 @@ class Router:
         for route in self._routes.values():
             key = (route.config_id, route.label)
             cid_routed[key] = cid_routed.get(key, 0) + route.count
-        outcomes = {o: self._counts[o] for o in _OUTCOMES}
+        outcomes = {o: self._counts[o] for o in OUTCOMES}
         outcomes[Outcome.CID_ROUTED] = sum(cid_routed.values())
         return RouterStats(
             service=self.table.name,

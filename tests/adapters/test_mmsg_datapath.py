@@ -22,8 +22,9 @@ from lb.core.addresses import Address
 from lb.core.cid_config import CidConfig
 from lb.core.cid_encoder import encode_cid
 from lb.core.encapsulation import decapsulate_untrusted, encode_proxy_header
+from lb.core.outcomes import Outcome
 from lb.core.return_path import ReturnPath
-from lb.core.router import Outcome, Router
+from lb.core.router import Router
 from lb.core.service_table import Backend, ServiceTable, build_service_table
 from quiclb_harness.datagrams import initial, short_header
 

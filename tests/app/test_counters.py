@@ -7,7 +7,7 @@ import os
 import random
 from pathlib import Path
 
-from lb.core.router import Outcome
+from lb.core.outcomes import Outcome
 from quiclb_harness.datagrams import initial, long_header, short_header, version_negotiation
 
 from .conftest import make_deployment, start_cluster

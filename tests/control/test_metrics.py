@@ -25,9 +25,10 @@ from lb.control.metrics import (
     render_metrics,
 )
 from lb.control.snapshot import BackendView, LbSnapshot, ServiceView
+from lb.core.outcomes import Outcome, RouterStats
 from lb.core.quic_constants import GREASE_VERSION, QUIC_V1
 from lb.core.return_path import ReturnStats
-from lb.core.router import Outcome, Router, RouterStats
+from lb.core.router import Router
 from lb.core.service_table import Backend, build_service_table
 from quiclb_harness.datagrams import initial, long_header, short_header, version_negotiation
 

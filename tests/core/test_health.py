@@ -6,9 +6,10 @@ import pytest
 
 from lb import CidConfig
 from lb.core.health import HealthTracker, build_probe, probe_reply_nonce_untrusted
+from lb.core.outcomes import Outcome
 from lb.core.quic_constants import is_reserved_version
 from lb.core.quic_header import parse_routing_fields_untrusted
-from lb.core.router import Outcome, Router
+from lb.core.router import Router
 from lb.core.service_table import Backend, build_service_table
 from quiclb_harness.datagrams import initial, short_header, version_negotiation, vn_probe
 

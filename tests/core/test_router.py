@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 
 from lb import CidConfig, CidIssuer, decode_server_id, encode_cid
 from lb.core.encapsulation import encode_proxy_header
-from lb.core.router import Outcome, Router
+from lb.core.outcomes import Outcome
+from lb.core.router import Router
 from lb.core.service_table import Backend, ServiceTable, build_service_table
 from quiclb_harness.datagrams import initial, long_header, short_header, version_negotiation, vn_probe
 

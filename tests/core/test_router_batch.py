@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from lb import CidConfig, encode_cid
 from lb.core.cid_decoder import ConfigDecoder
-from lb.core.router import Router, RouterStats
+from lb.core.outcomes import RouterStats
+from lb.core.router import Router
 from lb.core.service_table import Backend, ServiceTable, build_service_table
 from quiclb_harness.datagrams import initial, long_header, short_header, version_negotiation
 

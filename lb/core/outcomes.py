@@ -1,0 +1,80 @@
+"""What a routing decision can be, and the counters of a router: the vocabulary of lb.core.router.
+
+Every client datagram ends in exactly one :class:`Outcome`; each outcome is
+one exported counter (lb.control.metrics), so the
+names here are a contract with the metrics and the acceptance tests.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from lb.core.service_table import Backend
+
+
+class Outcome(enum.IntEnum):
+    """The fate of one client datagram. Names match the exported counters."""
+
+    CID_ROUTED = 0
+    FALLBACK_INITIAL = 1  # long header, client-chosen (undecodable) DCID
+    FALLBACK_UNKNOWN_SID = 2  # long header whose DCID decodes to an unassigned server ID
+    FALLBACK_NO_CONFIG = 3  # short header, 0b111 / unknown config / too short, fallback switch on
+    FALLBACK_SHORT_UNKNOWN_SID = 4  # short header, unassigned server ID, fallback switch on
+    FALLBACK_UNKNOWN_VERSION = 5  # full-size datagram of a version the backends lack: one VN
+    UNROUTABLE_DROPPED = 6  # short header, 0b111 / unknown config / too short
+    UNKNOWN_SID_DROPPED = 7  # short header, server ID of no backend
+    REMOVED_BACKEND_DROPPED = 8  # short header, server ID of a recently removed backend
+    NO_BACKEND_DROPPED = 9  # needed the fallback, but no backend takes new flows
+    MALFORMED_DROPPED = 10
+    SMALL_UNKNOWN_VERSION_DROPPED = 11
+    VN_DROPPED = 12
+
+    @property
+    def forwards(self) -> bool:
+        return self <= Outcome.FALLBACK_UNKNOWN_VERSION
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return _FALLBACK_REASONS.get(self)
+
+
+_FALLBACK_REASONS = {
+    Outcome.FALLBACK_INITIAL: "initial",
+    Outcome.FALLBACK_UNKNOWN_SID: "unknown_sid",
+    Outcome.FALLBACK_NO_CONFIG: "no_config",
+    Outcome.FALLBACK_SHORT_UNKNOWN_SID: "short_unknown_sid",
+    Outcome.FALLBACK_UNKNOWN_VERSION: "unknown_version",
+}
+
+OUTCOMES = tuple(Outcome)
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    """A snapshot of one router's counters (monotonic; never reset by a table swap)."""
+
+    service: str
+    rx_client_datagrams: int
+    outcomes: Mapping[Outcome, int]
+    malformed: Mapping[str, int]
+    cid_routed: Mapping[tuple[int, str], int]  # (config ID, backend label) -> count
+    #: Datagrams sent to each backend (by label) through the fallback.
+    fallback_routed: Mapping[str, int]
+    cipher_calls: int
+    cache_entries: int
+    cache_evictions: int
+
+    def total_outcomes(self) -> int:
+        return sum(self.outcomes.values())
+
+
+RouteDecision = tuple[Outcome, Backend | None]
+
+
+class ByteSlicer(Protocol):
+    """Memory whose slices are ``bytes`` (``bytes`` itself, a ctypes char array)."""
+
+    def __getitem__(self, index: slice, /) -> bytes: ...
