@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from lb.control.files import MAX_CONFIG_BYTES, read_regular_file
+from lb.core.addresses import Address
 from lb.core.cid_config import CidConfig
 from lb.core.maglev import DEFAULT_TABLE_SIZE, MIN_SLOTS_PER_BACKEND
 from lb.errors import ConfigError, LbError
-
-Address = tuple[str, int]
 
 #: Default Maglev table size M (prime; Maglev paper's default).
 DEFAULT_MAGLEV_SIZE = DEFAULT_TABLE_SIZE
@@ -229,7 +228,8 @@ def parse_address(text: str, where: str, *, allow_port_zero: bool = False) -> Ad
 
     The host must be an IP literal: the LB never does DNS. Port 0 is refused
     unless ``allow_port_zero`` (the admin listener may ask for an ephemeral port).
-    Errors are :class:`ConfigError` starting with ``where``.
+    Errors are :class:`ConfigError` starting with ``where``. The inverse is
+    :func:`lb.core.addresses.format_address`.
     """
     if not isinstance(text, str):
         raise ConfigError(f'{where}: must be a string like "127.0.0.1:4433", got {type_name(text)}')
@@ -273,12 +273,6 @@ def parse_address(text: str, where: str, *, allow_port_zero: bool = False) -> Ad
     if not low <= port <= 65535:
         raise ConfigError(f"{where}: port must be {low}..65535, got {port}")
     return (str(ip), port)
-
-
-def format_address(address: Address) -> str:
-    """Inverse of :func:`parse_address`: ``"127.0.0.1:4433"`` / ``"[::1]:4433"``."""
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def derive_fallback_key(service_name: str, cid_keys: Collection[bytes], fallback_file_key: bytes | None) -> bytes:

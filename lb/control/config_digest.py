@@ -34,7 +34,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from lb.control.config import DIGEST, LbConfig, format_address
+from lb.control.config import DIGEST, LbConfig
+from lb.core.addresses import format_address
 from lb.core.cid_config import CidConfig
 
 #: Version of the canonical form; bump it when the form changes meaning.

@@ -21,19 +21,18 @@ from lb.control.config import (
     MAGLEV_SLOTS_PER_BACKEND,
     MAX_MAGLEV_SIZE,
     MIN_MAGLEV_SIZE,
-    Address,
     LbConfig,
     LbSection,
     ReturnMode,
     ServiceConfig,
     UnroutableShortHeader,
-    format_address,
     parse_address,
     type_name,
 )
 from lb.control.config_digest import config_digest
 from lb.control.config_service_parser import ServiceParser, addresses_collide
 from lb.control.keys import read_token_file
+from lb.core.addresses import Address, format_address
 from lb.core.maglev import is_prime
 from lb.core.quic_constants import is_reserved_version
 from lb.errors import ConfigError

@@ -13,8 +13,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from lb.control.config import Address, parse_address, type_name
+from lb.control.config import parse_address, type_name
 from lb.control.keys import read_key_file
+from lb.core.addresses import Address
 from lb.errors import ConfigError
 
 _T = TypeVar("_T")

@@ -11,17 +11,16 @@ import re
 
 from lb.control.config import (
     MAX_CID_CONFIGS,
-    Address,
     BackendConfig,
     BackendState,
     LbSection,
     ReturnMode,
     ServiceConfig,
     derive_fallback_key,
-    format_address,
 )
 from lb.control.config_reader import TableReader
 from lb.control.files import check_regular_file
+from lb.core.addresses import Address, format_address
 from lb.core.cid_config import UNROUTABLE_CONFIG_ID, CidConfig
 from lb.errors import ConfigError
 
