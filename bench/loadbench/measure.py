@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .procstat import cpu_sample, kernel_drops, udp_drops
+from .procstat import cpu_busy_ns, cpu_sample, kernel_drops, udp_drops
 from .targets import Target
 from .tools import Sink, run_json_tool
 
@@ -68,12 +68,12 @@ class Bench:
             argv += ["--cpu", str(self.load_cpu)]
         drops0, kdrops0 = udp_drops(), kernel_drops()
         snap0 = sink.snapshot() if sink is not None else None
-        cpu0 = cpu_sample(target.pid)
+        cpu0, busy0 = cpu_sample(target.pid), cpu_busy_ns(target.cpu)
         gen = run_json_tool(argv, timeout=seconds + 20)
         t_end = time.monotonic()
         snap_end = sink.snapshot() if sink is not None else None
         snap1 = sink.settle() if sink is not None else None
-        cpu1 = cpu_sample(target.pid)
+        cpu1, busy1 = cpu_sample(target.pid), cpu_busy_ns(target.cpu)
         # Busy share of one CPU while loaded: the generator's time plus the drain after it (the last
         # 50 ms poll of settle() saw nothing move, so it is not counted). Below 1 on a shared CPU too.
         wall = gen["seconds"] + max(0.0, time.monotonic() - t_end - 0.05)
@@ -104,6 +104,9 @@ class Bench:
             "cpu_ticks": cpu1.ticks - cpu0.ticks,
             "cpu_us_per_datagram": round(cpu_ns / 1000 / delivered, 4) if delivered else None,
             "target_cpu_util": round(cpu_ns / 1e9 / wall, 3),
+            # What else ran on the target's CPU (other tenants, interrupts): 0 when the target is unpinned.
+            "others_on_target_cpu_util": round(max(0, busy1 - busy0 - cpu_ns) / 1e9 / wall, 3)
+            if target.cpu is not None else None,
             "target_rx_drops": drops1.get(target.port, 0) - drops0.get(target.port, 0),
             "sink_rx_drops": sum(drops1.get(p, 0) - drops0.get(p, 0) for p in (sink.ports if sink else [])),
             "all_udp_rx_drops": sum(drops1.values()) - sum(drops0.values()),
@@ -116,7 +119,8 @@ class Bench:
             f"    {target.name:18s} {load.name:12s} asked {asked:>9s} offered {s['offered'] / 1000:7.1f}k/s "
             f"delivered {s['delivered_rate'] / 1000:7.1f}k/s loss {loss:7.3%} lag {lag:6.2%} "
             f"cpu {s['cpu_us_per_datagram'] or 0:6.2f} us/dgram util {s['target_cpu_util']:.2f} "
-            f"drops target {s['target_rx_drops']} all {s['all_udp_rx_drops']} backlog {s['softnet_dropped']}"
+            f"others {s['others_on_target_cpu_util'] or 0:.2f} drops target {s['target_rx_drops']} "
+            f"all {s['all_udp_rx_drops']} backlog {s['softnet_dropped']}"
             + ("  PASS" if s["passed"] else "  fail")
         )
         return s

@@ -103,6 +103,22 @@ def udp_drops() -> dict[int, int]:
     return drops
 
 
+def cpu_busy_ns(cpu: int | None) -> int:
+    """Busy time of one CPU (all but idle and iowait) from /proc/stat, in ns; 0 when ``cpu`` is None.
+
+    Minus the target's own time this is what *other* tasks and interrupts took from the target's CPU
+    during a step: the shared machine's noise, recorded so a reader can discount a disturbed step.
+    """
+    if cpu is None:
+        return 0
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith(f"cpu{cpu} "):
+                v = [int(x) for x in line.split()[1:]]
+                return int((sum(v[:8]) - v[3] - v[4]) * CLOCK_TICK_SECONDS * 1e9)  # drop idle and iowait
+    return 0
+
+
 def kernel_drops() -> dict[str, int]:
     """Drops outside any one socket's counter: the per-CPU input backlog (softnet_stat column 2, which
     overflows when the sending CPU cannot deliver fast enough on loopback) and UDP receive-buffer errors."""

@@ -6,6 +6,7 @@ stopped by PID, and dies with us (the C tools set PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,17 @@ C_DIR = BENCH / "c"
 BUILD = C_DIR / "build"
 TOOLS = ("udp_blast", "udp_sink", "udp_forward", "udp_ping")
 READY_TIMEOUT_SECONDS = 20.0
+
+# Every live child: an interpreter exit that skipped a ``finally`` (an exception in a thread, sys.exit
+# from a signal) still stops the LB and nginx by PID (the C tools also die with us: PR_SET_PDEATHSIG).
+_LIVE: weakref.WeakSet[Child] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for child in list(_LIVE):
+        if child.proc.poll() is None:
+            child.proc.kill()
 
 
 def build_tools(force: bool = False) -> dict[str, Path]:
@@ -62,6 +75,7 @@ class Child:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.tail: list[str] = []
+        _LIVE.add(self)
         threading.Thread(target=self._drain, name=f"drain-{name}", daemon=True).start()
 
     def _drain(self) -> None:
