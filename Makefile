@@ -25,11 +25,16 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade 'pip>=25.1'
 	$(PY) -m pip install -q --group dev -e .
-	@# The interop tests drive an independent QUIC stack: ngtcp2's client (Debian package).
-	@command -v gtlsclient >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  echo "installing ngtcp2-client (an independent QUIC client for the interop tests) with apt-get"; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq ngtcp2-client >/dev/null; }
+	@# Tests drive independent programs (Debian packages, one apt-get update for all): ngtcp2's
+	@# QUIC client for the interop tests, headless Chromium for the status-page test.
+	@missing=""; \
+	  command -v gtlsclient >/dev/null || missing="$$missing ngtcp2-client"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	    echo "installing$$missing with apt-get"; \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	  fi
 	@touch $(STAMP)
 
 .PHONY: install

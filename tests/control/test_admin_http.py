@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -22,6 +25,7 @@ from lb.control.admin_http import (
     peer_key,
 )
 from lb.control.snapshot import BackendView, LbSnapshot, ReloadResult, ServiceView
+from lb.control.status_page import status_page_html
 from lb.core.return_path import ReturnStats
 from lb.errors import ConfigError
 
@@ -224,6 +228,24 @@ def test_every_route_but_healthz_requires_the_token() -> None:
         assert (await request(addr, "GET", "/nope", token=None)).status == 401
 
     serve(scenario, rate_limiter=AuthRateLimiter(max_failures=1000))
+
+
+def test_status_page_is_public_static_and_pinned_by_its_csp() -> None:
+    async def scenario(server: AdminServer, addr: Addr) -> None:
+        reply = await request(addr, "GET", "/", token=None)
+        assert reply.status == 200
+        assert reply.headers["content-type"] == "text/html; charset=utf-8"
+        assert reply.body == status_page_html()  # the file as shipped: it holds no data
+        assert b"127.0.0.1:4001" not in reply.body
+        csp = reply.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+        assert "unsafe-inline" not in csp
+        script = re.search(rb"<script>(.*?)</script>", reply.body, re.DOTALL)
+        assert script is not None
+        digest = base64.b64encode(hashlib.sha256(script.group(1)).digest()).decode()
+        assert f"'sha256-{digest}'" in csp
+
+    serve(scenario)
 
 
 def test_healthz_needs_no_token() -> None:
