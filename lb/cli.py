@@ -9,11 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import selectors
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -27,9 +23,6 @@ from lb.core.cid_encoder import encode_cid
 from lb.errors import ConfigError, LbError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-#: Worker crashes a ``--workers`` supervisor absorbs before it gives up.
-MAX_WORKER_RESTARTS = 10
-WORKER_POLL_SECONDS = 0.2
 #: ``--workers`` bound: processes beyond a few per core only add contention.
 MAX_WORKERS = 64
 #: ``--ready-timeout`` default and bound, seconds: start builds every Maglev table before READY.
@@ -174,7 +167,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.reuse_port:  # the workers share the sockets; nobody else may already hold them
             for address in (cfg.lb.inside, *(svc.vip for svc in cfg.services)):
                 ensure_unbound(address)
-        return _supervise(args)
+        from lb.supervisor import supervise  # noqa: PLC0415
+
+        worker_argv = [sys.executable, "-m", "lb", "--log-level", args.log_level, "run", "-c", str(args.config),
+                       "--loop", args.loop, "--io", args.io]
+        return supervise(worker_argv, args.workers, args.ready_timeout)
     if args.reuse_port or args.worker:
         allow_joining_groups()
     from lb.adapters.event_loop import run  # noqa: PLC0415 - keep `quiclb cid` light
@@ -189,115 +186,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run(serve(cfg, ready, admin=not args.no_admin, io=args.io), loop=args.loop)
     return EXIT_OK
-
-
-def _supervise(args: argparse.Namespace) -> int:
-    """``--workers N``: N LB processes in one SO_REUSEPORT group; only the first serves the admin API.
-
-    Stateless routing makes this safe: the kernel spreads datagrams over the
-    workers by 4-tuple and each decides exactly as the others would. SIGHUP,
-    SIGTERM and SIGINT are passed on to every worker. The supervisor prints its
-    own READY line once every worker is ready; a worker that dies later is
-    restarted (at most MAX_WORKER_RESTARTS times), since no state dies with it.
-    """
-    base = [sys.executable, "-m", "lb", "--log-level", args.log_level, "run", "-c", str(args.config),
-            "--loop", args.loop, "--io", args.io, "--worker"]  # --worker: joins its siblings' sockets
-    procs: list[subprocess.Popen[bytes]] = []
-    stopping = False
-
-    def relay(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = stopping or signum != signal.SIGHUP
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    # Handlers first: a signal during start-up must reach every worker started so far.
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, relay)
-
-    def spawn(index: int) -> subprocess.Popen[bytes]:
-        argv = base + ([] if index == 0 else ["--no-admin"])
-        return subprocess.Popen(argv, stdout=subprocess.PIPE)
-
-    def wait_ready(p: subprocess.Popen[bytes]) -> str | None:
-        """The worker's READY fields, or None if it died or was not ready in time (then it is killed)."""
-        line = _read_ready_line(p, time.monotonic() + args.ready_timeout)
-        if line is None and p.poll() is None:
-            print(f"quiclb: error: worker {p.pid} not ready within {args.ready_timeout:g} s "
-                  "(--ready-timeout); stopping", file=sys.stderr, flush=True)
-            p.kill()
-        return line
-
-    ready: list[str] = []
-    for i in range(args.workers):
-        if stopping:
-            break
-        procs.append(spawn(i))
-        line = wait_ready(procs[-1])
-        if line is None:
-            break
-        ready.append(line)
-    if len(ready) != args.workers or stopping:
-        relay(signal.SIGTERM, None)
-        for p in procs:
-            p.wait()
-        return EXIT_FAIL
-    fields = dict(tok.split("=", 1) for tok in ready[0].split())
-    print(f"READY pid={os.getpid()} workers={','.join(str(p.pid) for p in procs)} inside={fields['inside']} "
-          f"vips={fields['vips']} admin={fields['admin']}", flush=True)
-    restarts = 0
-    failed = False
-    while not stopping:
-        for i, p in enumerate(procs):
-            if stopping or p.poll() is None:
-                continue
-            restarts += 1
-            print(f"quiclb: worker {p.pid} exited with {p.returncode}; restarting it "
-                  f"({restarts}/{MAX_WORKER_RESTARTS})", file=sys.stderr, flush=True)
-            if p.stdout is not None:
-                p.stdout.close()
-            if restarts > MAX_WORKER_RESTARTS:
-                failed = True
-                relay(signal.SIGTERM, None)
-                break
-            procs[i] = spawn(i)
-            if wait_ready(procs[i]) is None:
-                failed = True
-                relay(signal.SIGTERM, None)
-        time.sleep(WORKER_POLL_SECONDS)  # a signal cuts it short; the handler relays it
-    failed = any(p.wait() != 0 for p in procs) or failed
-    for p in procs:
-        if p.stdout is not None:
-            p.stdout.close()
-    return EXIT_FAIL if failed else EXIT_OK
-
-
-def _read_ready_line(p: subprocess.Popen[bytes], deadline: float) -> str | None:
-    """Read ``p``'s stdout until its ``WORKER-READY`` line (fields returned), EOF or ``deadline``.
-
-    Other lines are passed through to our stdout. Reads the pipe without
-    blocking past the deadline, so a worker that hangs at start cannot hang us.
-    """
-    assert p.stdout is not None
-    fd = p.stdout.fileno()
-    pending = b""
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while True:
-            while b"\n" in pending:
-                raw, pending = pending.split(b"\n", 1)
-                line = raw.decode("utf-8", "replace")
-                if line.startswith("WORKER-READY"):
-                    return line.split(maxsplit=1)[1].strip()
-                sys.stdout.write(line + "\n")
-            left = deadline - time.monotonic()
-            if left <= 0 or not selector.select(left):
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return None  # EOF: it died before it was ready
-            pending += chunk
 
 
 # -- subcommands of other installed packages ----------------------------------------
