@@ -111,6 +111,8 @@ def render(doc: dict[str, Any]) -> str:
             notes = []
             if cap["generator_bound"]:
                 notes.append("generator-bound: capacity is a lower bound")
+            if (cpu.get("others_on_target_cpu_median") or 0) > 0.2:
+                notes.append(f"other tasks used {cpu['others_on_target_cpu_median']:.0%} of the target CPU")
             if cpu and not cpu.get("all_passed", True):
                 notes.append(f"lost {cpu['max_loss']:.2%} at the fixed rate")
             r_cpu, r_cap = _ratio(med, c_cpu), _ratio(cap["capacity"], c_cap)

@@ -196,6 +196,8 @@ def cpu_rounds(
             "all_passed": all(s["loss"] <= LOSS_OK for s in steps),
             "max_loss": max(s["loss"] for s in steps),
             "max_lag": max(s["lag"] for s in steps),
+            "others_on_target_cpu_median": statistics.median(
+                s["others_on_target_cpu_util"] or 0.0 for s in steps),
             "steps": steps,
         }
     return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -52,7 +52,7 @@ def _blocks(cfg: CidConfig, count: int, seed: int) -> bytes:
     return b"".join(sids[i % len(sids)] + ((i // len(sids)) ^ mask).to_bytes(n, "big") for i in range(count))
 
 
-def _feistel_batch(encrypt_update: object, cfg: CidConfig, blocks: bytes, count: int) -> bytes:
+def _feistel_batch(update: Callable[[bytes], bytes], cfg: CidConfig, blocks: bytes, count: int) -> bytes:
     """Four-pass encryption (-21 §5.4.2) of ``count`` blocks, one AES call per pass for all of them."""
     n = cfg.block_len
     h = (n + 1) // 2
@@ -62,11 +62,11 @@ def _feistel_batch(encrypt_update: object, cfg: CidConfig, blocks: bytes, count:
     rm = full >> 4 if odd else full
     left = [int.from_bytes(blocks[i * n : i * n + h], "big") & lm for i in range(count)]
     right = [int.from_bytes(blocks[i * n + n - h : (i + 1) * n], "big") & rm for i in range(count)]
-    update = encrypt_update  # the ECB context's update(): 16 bytes in, 16 out, any number of blocks
 
     def f(pass_no: int, halves: list[int]) -> list[int]:
         suffix = bytes(14 - h) + bytes((n, pass_no))
-        out = update(b"".join(x.to_bytes(h, "big") + suffix for x in halves))  # type: ignore[operator]
+        # One ECB call for every CID's pass input: 16 bytes in, 16 out, any number of blocks.
+        out = update(b"".join(x.to_bytes(h, "big") + suffix for x in halves))
         return [int.from_bytes(out[16 * i : 16 * i + h], "big") for i in range(count)]
 
     right = [(r ^ v) & rm for r, v in zip(right, f(1, left), strict=True)]
@@ -96,13 +96,13 @@ def encode_cids(cfg: CidConfig, count: int, seed: int) -> list[bytes]:
     return cids
 
 
-def _cached(name: str, key: Sequence[object], build: object) -> Path:
+def _cached(name: str, key: Sequence[object], build: Callable[[], bytes]) -> Path:
     digest = hashlib.sha256(repr(tuple(key)).encode()).hexdigest()[:16]
     path = CACHE / f"{name}-{digest}.bin"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(build())  # type: ignore[operator]
+        tmp.write_bytes(build())
         tmp.replace(path)
     return path
 
