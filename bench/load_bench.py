@@ -123,6 +123,10 @@ def quick_summary(doc: dict[str, Any]) -> dict[str, Any]:
             out[f"quiclb_over_{den}"] = round(out["quiclb_pps"] / out[f"{den}_pps"], 3)
             if out.get(f"{den}_cpu_us"):
                 out[f"quiclb_cpu_over_{den}"] = round(out["quiclb_cpu_us"] / out[f"{den}_cpu_us"], 3)
+    q = t.get("quiclb", {}).get("cpu", {})
+    for den, base in (("ceiling", "c-forward"), ("nginx", "nginx-default")):
+        if f"over_{base}_paired_median" in q:
+            out[f"quiclb_cpu_over_{den}_paired"] = q[f"over_{base}_paired_median"]
     out["fixed_rate"] = sc.get("fixed_rate")
     out["ceiling_generator_bound"] = sc.get("ceiling_generator_bound")
     return out

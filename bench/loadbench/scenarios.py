@@ -171,6 +171,7 @@ def run_scenario(env: Env, sc: Scenario) -> dict[str, Any]:
         cpu = cpu_rounds(env.bench, pairs, load, rate, env.cpu_seconds, env.rounds)
         for name, c in cpu.items():
             result["targets"][name]["cpu"] = c
+        add_paired_ratios(result["targets"])
         for t, _ in pairs:
             with contextlib.suppress(OSError):
                 result["targets"][t.name]["rss_bytes"] = rss_bytes(t.pid)
@@ -181,6 +182,26 @@ def run_scenario(env: Env, sc: Scenario) -> dict[str, Any]:
         result["ceiling_generator_bound"] = bool(cap["generator_bound"] or util < 0.9)
         result["ceiling_cpu_util_unpaced"] = util
     return result
+
+
+def add_paired_ratios(targets: dict[str, Any]) -> None:
+    """CPU per datagram over each baseline's, round by round (a pair shares that round's noise), median.
+
+    Next to the ratio of medians this is the steadier figure when the machine drifts during a run.
+    """
+    for base in ("c-forward", "nginx-default"):
+        if base not in targets or "cpu" not in targets[base]:
+            continue
+        ref = [s["cpu_us_per_datagram"] for s in targets[base]["cpu"]["steps"]]
+        for name, t in targets.items():
+            if name == base or "cpu" not in t:
+                continue
+            mine = [s["cpu_us_per_datagram"] for s in t["cpu"]["steps"]]
+            ratios = [a / b for a, b in zip(mine, ref, strict=False) if a and b]
+            if ratios:
+                t["cpu"][f"over_{base}_paired_median"] = round(statistics.median(ratios), 3)
+                t["cpu"][f"over_{base}_paired_min"] = round(min(ratios), 3)
+                t["cpu"][f"over_{base}_paired_max"] = round(max(ratios), 3)
 
 
 def run_latency(env: Env, count: int, rate: int = 1000) -> dict[str, Any]:
