@@ -107,10 +107,12 @@ def backend_views(
         for b in svc.backends:
             key = (svc.name, b.server_id.hex())
             status = health.get((svc.name, b.server_id))
+            routed = table.backends.get(b.server_id) if table else None
             out.append(BackendView(
                 service=svc.name, server_id=key[1], address=format_address(b.address),
                 state="draining" if b.state is BackendState.DRAINING else "active",
-                healthy=status.healthy if status else True,
+                # What routing uses: a flip counts once its table is installed (builds run off the loop).
+                healthy=routed.healthy if routed else (status.healthy if status else True),
                 in_fallback=bool(table and b.server_id in table.fallback_backends),
                 tx_datagrams=datapath.tx_to_backend.get(key, 0),
                 unreachable=datapath.backend_unreachable.get(key, 0),
