@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import select
 import socket
 import struct
 import sys
@@ -39,6 +40,16 @@ SOCKADDR_IN6_BYTES = 28
 
 MSG_DONTWAIT = 0x40
 MSG_TRUNC = 0x20
+
+#: Batches drained per readiness callback before other sockets get a turn.
+MAX_BATCHES_PER_WAKEUP = 8
+#: How long a full socket buffer may hold a batch before what is left is dropped: the slots
+#: are reused by the next batch, so nothing can wait longer without copying.
+SEND_WAIT_SECONDS = 0.001
+#: Bound of the address caches (client sockaddrs, accepted reply headers).
+MAX_CACHED = 65536
+#: Send errors that mean "the socket buffer is full": wait once, then count the rest as dropped.
+RETRYABLE = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS)
 
 if sys.byteorder != "little" or struct.calcsize("P") != 8:  # the word views below assume LP64 little-endian
     raise ImportError("lb.adapters.mmsg supports 64-bit little-endian Linux only")
@@ -202,6 +213,16 @@ class ReceiveRing:
 
     def source(self, i: int, namelen: int) -> bytes:
         return bytes(self.name_view[i * SOCKADDR_BYTES : i * SOCKADDR_BYTES + namelen])
+
+
+def wait_writable(fd: int, seconds: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(seconds * 1000))
+
+
+def count_into(counter: dict[str, int], key: str, n: int = 1) -> None:
+    counter[key] = counter.get(key, 0) + n
 
 
 def check_errno(call: str) -> tuple[()]:

@@ -203,7 +203,7 @@ def test_a_full_socket_buffer_is_counted_as_dropped(monkeypatch: pytest.MonkeyPa
             assert LIBC is not None
             monkeypatch.setattr(LIBC, "sendmmsg", lambda fd, msgs, count, flags: -1)
             monkeypatch.setattr(type(LIBC), "errno", property(lambda self: errno.EAGAIN))
-            monkeypatch.setattr("lb.adapters.mmsg_datapath._wait_writable", lambda fd, seconds: False)
+            monkeypatch.setattr("lb.adapters.mmsg_forward.wait_writable", lambda fd, seconds: False)
             for i in range(10):
                 client.sendto(short_header(cid_of(1, i)), vip)
             await until(lambda: dp.stats().rx_client_datagrams == 10, "received")

@@ -1,0 +1,246 @@
+"""The forward half of the batched datapath: one VIP socket, client datagrams in, encapsulated forwards out.
+
+Per batch of up to 64 datagrams: one ``recvmmsg`` into fixed receive slots,
+one :meth:`Router.route_batch` over the slots, one ``sendmmsg`` from the
+inside socket. Each message is six iovecs, all but one fixed at start: the
+PROXY v2 preamble and the VIP's address and port (constants of the port), the
+client's address and port (pointing *into the sockaddr the kernel wrote for
+that slot*), and the payload (pointing into the receive slot; only its length
+changes). No header is built and no payload is copied in user space: per
+datagram, Python writes two words of a message header and one length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import socket
+from typing import TYPE_CHECKING, cast
+
+from lb.adapters.mmsg import (
+    IOV_SIZE,
+    LIBC,
+    MAX_BATCHES_PER_WAKEUP,
+    MAX_CACHED,
+    MSG_DONTWAIT,
+    MSG_SIZE,
+    MSG_TRUNC,
+    MSG_WORDS,
+    RETRYABLE,
+    SEND_WAIT_SECONDS,
+    SOCKADDR_BYTES,
+    SOCKADDR_IN6_BYTES,
+    SOCKADDR_IN_BYTES,
+    Iovec,
+    ReceiveRing,
+    SendArray,
+    check_errno,
+    count_into,
+    decode_sockaddr,
+    encode_sockaddr,
+    wait_writable,
+    word_view,
+)
+from lb.adapters.mmsg_return import ReplyQueue
+from lb.core.addresses import Address, normalize_address
+from lb.core.encapsulation import PROXY_V2_SIGNATURE
+from lb.core.outcomes import ByteSlicer, Outcome, RouteDecision
+from lb.core.router import Router
+from lb.core.service_table import ServiceTable
+
+if TYPE_CHECKING:
+    from lb.adapters.mmsg_datapath import MmsgDatapath
+
+
+class Destinations:
+    """Backend address -> pointer to its sockaddr; the buffers live as long as this object."""
+
+    def __init__(self) -> None:
+        self._pointers: dict[Address, int] = {}
+        self._buffers: list[ctypes.Array[ctypes.c_char]] = []
+
+    def pointer(self, address: Address) -> int:
+        pointer = self._pointers.get(address)
+        if pointer is None:
+            buf = ctypes.create_string_buffer(encode_sockaddr(normalize_address(address)), SOCKADDR_BYTES)
+            self._buffers.append(buf)
+            pointer = self._pointers[address] = ctypes.addressof(buf)
+        return pointer
+
+
+class MmsgVipPort:
+    """One VIP socket: client datagrams in, encapsulated forwards out through the inside socket."""
+
+    def __init__(self, datapath: MmsgDatapath, service: str, sock: socket.socket, vip: Address,
+                 router: Router) -> None:
+        self._datapath = datapath
+        self.service = service
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._vip = vip
+        self._router = router
+        self.ring = ring = ReceiveRing()
+        host, port = vip
+        v6 = ":" in host
+        ip = socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, host)
+        # PROXY v2 preamble: signature, version 2 / PROXY, INET(6) / DGRAM, length of the address block.
+        preamble = PROXY_V2_SIGNATURE + (b"\x21\x22\x00\x24" if v6 else b"\x21\x12\x00\x0c")
+        self._consts = ctypes.create_string_buffer(preamble + ip + port.to_bytes(2, "big"))
+        consts = ctypes.addressof(self._consts)
+        ip_len, ip_at = len(ip), (8 if v6 else 4)  # sin6_addr / sin_addr inside the sockaddr
+        self._iov = (Iovec * (6 * ring.batch))()
+        for i in range(ring.batch):
+            name = ring.names_at + i * SOCKADDR_BYTES
+            for k, (base, length) in enumerate((
+                (consts, 16), (name + ip_at, ip_len), (consts + 16, ip_len), (name + 2, 2),
+                (consts + 16 + ip_len, 2), (ring.buffers_at + i * ring.slot_bytes, 0),
+            )):
+                self._iov[6 * i + k].iov_base = base
+                self._iov[6 * i + k].iov_len = length
+        self._iov_words = word_view(self._iov)
+        iov_at = ctypes.addressof(self._iov)
+        self._iov_ptrs = [iov_at + 6 * i * IOV_SIZE for i in range(ring.batch)]
+        self.send = SendArray()
+        # Every forward leaves from the inside socket, so every destination has its family's
+        # sockaddr length; a backend of the other family fails with EINVAL and is counted.
+        assert datapath.inside is not None, "open_inside before open_vip"
+        namelen = SOCKADDR_IN6_BYTES if datapath.inside.family == socket.AF_INET6 else SOCKADDR_IN_BYTES
+        for j in range(ring.batch):
+            self.send.words[j * MSG_WORDS + 1] = namelen  # msg_namelen
+            self.send.words[j * MSG_WORDS + 3] = 6  # msg_iovlen
+        self._send_ptr = self.send.pointers[0]
+        # backend label -> pointer to its sockaddr, for the table it was built from
+        self._dests: dict[str, int] = {}
+        self._dest_labels: dict[int, str] = {}
+        self._dest_table: object = None
+        self._clients: dict[bytes, Address] = {}
+        self._fields: tuple[int, ...] = ()
+        # The reply side: replies leave from this socket, one iovec each, names written per reply.
+        self.reply = ReplyQueue()
+        self.rx = 0
+        self.not_sent: dict[str, int] = {}  # by backend label: refused or dropped forwards
+        self.unreachable: dict[str, int] = {}
+        self.drops: dict[str, int] = {}
+        asyncio.get_running_loop().add_reader(self.fd, self.readable)
+
+    @property
+    def vip(self) -> Address:
+        return self._vip
+
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    def close(self) -> None:
+        self._datapath.retire(self)
+
+    def _client_at(self, i: int) -> Address:
+        """The client address of datagram ``i`` of the current batch (only the fallback asks)."""
+        raw = self.ring.source(i, self._fields[3 * i])
+        addr = self._clients.get(raw)
+        if addr is None:
+            if len(self._clients) >= MAX_CACHED:
+                self._clients.clear()
+            addr = self._clients[raw] = decode_sockaddr(raw)
+        return addr
+
+    def _refresh_destinations(self, table: ServiceTable) -> None:
+        self._dests = {b.label: self._datapath.destination(b.address) for b in table.backends.values()}
+        self._dest_labels = {pointer: label for label, pointer in self._dests.items()}
+        self._dest_table = table
+
+    def readable(self) -> None:
+        """Drain the VIP socket: per batch one recvmmsg, one route_batch, one sendmmsg.
+
+        The receive and send calls are inlined here rather than behind the ring's
+        methods: at a few datagrams per wakeup, Python call overhead per batch is
+        a visible part of the cost per datagram.
+        """
+        assert LIBC is not None
+        ring, router = self.ring, self._router
+        recvmmsg, sendmmsg, null = LIBC.recvmmsg, LIBC.sendmmsg, LIBC.null
+        fd, batch, slot, view = self.fd, ring.batch, ring.slot_bytes, ring.view
+        raw = cast(ByteSlicer, ring.buffers)  # a c_char array: its slices are bytes
+        msgs_ptr, fields_of, msg_bytes, pristine = ring.msgs_ptr, ring.fields, ring.msg_bytes, ring.pristine
+        words, iov_words, iov_ptrs, send_ptr = self.send.words, self._iov_words, self._iov_ptrs, self._send_ptr
+        inside_fd, client_at = self._datapath.inside_fd, self._client_at
+        for _ in range(MAX_BATCHES_PER_WAKEUP):
+            n = recvmmsg(fd, msgs_ptr, batch, MSG_DONTWAIT, null)
+            if n <= 0:
+                if n < 0:
+                    self._receive_failed()
+                return
+            self._fields = fields = fields_of[n](msg_bytes)
+            msg_bytes[: n * MSG_SIZE] = pristine[: n * MSG_SIZE]  # the kernel wrote namelen, flags, len
+            self.rx += n
+            lengths = fields[2::3]
+            if max(fields[1::3]) & MSG_TRUNC:  # cannot happen with 64 KiB slots; counted if it does
+                decisions = self._route_untruncated(fields)
+            else:
+                decisions = router.route_batch(view, slot, lengths, client_at, raw)
+            if router.table is not self._dest_table:
+                self._refresh_destinations(router.table)
+            dests = self._dests
+            j = 0
+            for i in range(n):
+                backend = decisions[i][1]
+                if backend is None:
+                    continue
+                w = j << 3  # MSG_WORDS
+                words[w] = dests[backend.label]
+                words[w + 2] = iov_ptrs[i]
+                iov_words[12 * i + 11] = lengths[i]
+                j += 1
+            if j and sendmmsg(inside_fd, send_ptr, j, 0) != j:
+                self._flush(j)  # partly sent or refused: find out which, count the rest
+            if n < batch:
+                return
+
+    def _receive_failed(self) -> None:
+        try:
+            check_errno("recvmmsg")
+        except OSError:
+            count_into(self._datapath.socket_errors, "vip")
+
+    def _route_untruncated(self, fields: tuple[int, ...]) -> list[RouteDecision]:
+        """The rare batch with a cut datagram: count those as the adapter's drop, route the others one by one."""
+        decisions: list[RouteDecision] = []
+        view, slot = self.ring.view, self.ring.slot_bytes
+        for i in range(len(fields) // 3):
+            if fields[3 * i + 1] & MSG_TRUNC:
+                count_into(self.drops, "rx_truncated")
+                decisions.append((Outcome.MALFORMED_DROPPED, None))  # not a router outcome: never counted there
+            else:
+                def client(k: int, base: int = i) -> Address:
+                    return self._client_at(base + k)
+
+                datagram = bytes(view[i * slot : i * slot + fields[3 * i + 2]])
+                decisions.append(self._router.route_batch(datagram, 0, [len(datagram)], client)[0])
+        return decisions
+
+    def _flush(self, count: int) -> None:
+        """Send messages ``0 .. count-1`` again from the first unsent one, counting each refusal."""
+        fd = self._datapath.inside_fd
+        start, sent, waited = 0, 0, False
+        while start < count:
+            sent, err = self.send.send(fd, start, count - start)
+            start += sent
+            if not err:
+                continue
+            if err in RETRYABLE:
+                if not waited and wait_writable(fd, SEND_WAIT_SECONDS):
+                    waited = True
+                    continue
+                for k in range(start, count):
+                    self._not_sent(k, None)
+                return
+            self._not_sent(start, err)
+            start += 1
+
+    def _not_sent(self, entry: int, err: int | None) -> None:
+        label = self._dest_labels.get(self.send.words[entry * MSG_WORDS], "?")
+        count_into(self.not_sent, label)
+        if err is None:
+            count_into(self.drops, "tx_queue_full")
+        else:
+            count_into(self.unreachable, label)
