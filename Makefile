@@ -26,10 +26,12 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade 'pip>=25.1'
 	$(PY) -m pip install -q --group dev -e .
 	@# Tests drive independent programs (Debian packages, one apt-get update for all): ngtcp2's
-	@# QUIC client for the interop tests, headless Chromium for the status-page test.
+	@# QUIC client for the interop tests, headless Chromium for the status-page test, and
+	@# systemd-analyze to verify deploy/systemd (the package is not started in a container).
 	@missing=""; \
 	  command -v gtlsclient >/dev/null || missing="$$missing ngtcp2-client"; \
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
+	  command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	  if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	    echo "installing$$missing with apt-get"; \
