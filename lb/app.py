@@ -13,6 +13,8 @@ What is here is *which* objects exist, and the two phases of a reload
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -23,9 +25,9 @@ from multiprocessing import get_context
 from typing import TYPE_CHECKING
 
 from lb.adapters.asyncio_datapath import AsyncioDatapath, socket_opener
-from lb.adapters.batched_socket import batched_io_available
 from lb.adapters.datapath import Datapath, VipPort
 from lb.adapters.health_checker import HealthChecker, ProbeTarget
+from lb.adapters.mmsg import mmsg_available
 from lb.control.config import LbConfig
 from lb.control.reload import ConfigReloader
 from lb.control.snapshot import LbSnapshot, ReloadResult, backend_views, route_info, service_views
@@ -43,32 +45,38 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("quiclb")
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
 
 def open_datapath(io: str) -> Datapath:
     """``asyncio``: one callback per datagram; ``batched``: recvmmsg/sendmmsg (Linux)."""
     if io == "batched":
-        if not batched_io_available():
-            raise LbError("--io batched needs recvmmsg/sendmmsg (Linux)")
-        try:
-            from lb.adapters.mmsg_datapath import MmsgDatapath  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
-        except ImportError:  # until it lands: the batched ports behind the portable glue
-            return AsyncioDatapath(socket_opener("batched"))
-        datapath: Datapath = MmsgDatapath()
-        return datapath
+        if not mmsg_available():
+            raise LbError("--io batched needs recvmmsg/sendmmsg (Linux) and cffi")
+        from lb.adapters.mmsg_datapath import MmsgDatapath  # noqa: PLC0415 - ctypes/cffi only when used
+
+        return MmsgDatapath()
     if io != "asyncio":
         raise ValueError(f"io: must be 'asyncio' or 'batched', got {io!r}")
-    return AsyncioDatapath(socket_opener("asyncio"))
+    return AsyncioDatapath(socket_opener())
 
 
 def ring_executor() -> Executor:
     """Where Maglev rings are built: a process, so a build never holds the datapath's GIL
     (measured in ``bench/control_plane_pause.py``: a thread pauses the loop for tens of ms).
     Spawned, not forked (the loop has threads), and niced: on a busy host the datapath wins the CPU."""
-    return ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_background_priority)
+    return ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_init_ring_worker,
+                               initargs=(os.getpid(),))
 
 
-def _background_priority() -> None:
+def _init_ring_worker(lb_pid: int) -> None:
     os.nice(10)
+    # The pool's queues keep both pipe ends in the worker, so it never sees EOF when the LB is
+    # killed (-9): ask Linux to kill it with its parent instead, and catch a parent already gone.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != lb_pid:
+        os._exit(0)
 
 
 def probe_targets(cfg: LbConfig) -> list[ProbeTarget]:

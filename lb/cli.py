@@ -26,6 +26,8 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 #: ``--workers`` bound: processes beyond a few per core only add contention.
 MAX_WORKERS = 64
 #: ``--ready-timeout`` default and bound, seconds: start builds every Maglev table before READY.
+#: The batched datapath (lb.adapters.mmsg_datapath) where recvmmsg/sendmmsg exist.
+DEFAULT_IO = "batched" if sys.platform.startswith("linux") else "asyncio"
 DEFAULT_READY_TIMEOUT = 60.0
 MAX_READY_TIMEOUT = 3600.0
 
@@ -222,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--workers: give up (exit 1) on a worker not ready within this time "
                         f"(default {DEFAULT_READY_TIMEOUT:g})")
     p.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
-    p.add_argument("--io", default="asyncio", choices=["asyncio", "batched"],
-                   help="datagram I/O: the event loop's endpoints, or recvmmsg/sendmmsg batches (Linux)")
+    p.add_argument("--io", default=DEFAULT_IO, choices=["asyncio", "batched"],
+                   help="datagram I/O: recvmmsg/sendmmsg batches (the default on Linux), or the event "
+                        f"loop's endpoints, one datagram per callback (portable) (default {DEFAULT_IO})")
     p.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", dest="run_log_level", default=None,

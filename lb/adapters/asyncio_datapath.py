@@ -3,12 +3,11 @@
 :class:`AsyncioDatapath` implements :class:`lb.adapters.datapath.Datapath`.
 It never creates a socket itself: an injected :data:`OpenEndpoint` binds an
 address and returns an :class:`Endpoint`. :func:`socket_opener` gives real
-asyncio/uvloop sockets (and, for ``io="batched"`` until the mmsg datapath
-lands, :mod:`lb.adapters.batched_socket` ports);
-:meth:`lb.adapters.memory_network.MemoryNetwork.open_endpoint` gives the
+asyncio/uvloop sockets; :meth:`lb.adapters.memory_network.MemoryNetwork.open_endpoint` gives the
 in-memory network of the tests. The glue is the same in both:
 
-* client datagram on a VIP -> ``Router.route`` -> PROXY v2 header + datagram
+* client datagram on a VIP -> ``Router.route_batch`` (a batch of one, so both
+  datapaths run the same routing code) -> PROXY v2 header + datagram
   -> the backend, through the inside socket;
 * datagram on the inside socket -> ``ReturnPath.handle`` -> payload -> the
   client, through the VIP socket the reply names.
@@ -61,7 +60,7 @@ OpenEndpoint = Callable[[Address, DatagramHandler, ErrorHandler, bool], Awaitabl
 
 
 class _SocketEndpoint(asyncio.DatagramProtocol):
-    """An asyncio/uvloop (or batched) transport behind the :class:`Endpoint` surface."""
+    """An asyncio/uvloop transport behind the :class:`Endpoint` surface."""
 
     def __init__(self, on_datagram: DatagramHandler, on_error: ErrorHandler, address: Address) -> None:
         self.datagram_received = on_datagram  # type: ignore[method-assign,assignment]  # no extra frame per datagram
@@ -94,19 +93,17 @@ class _SocketEndpoint(asyncio.DatagramProtocol):
             raise exc
 
     def drops(self) -> Mapping[str, int]:
-        stats = getattr(self.transport, "stats", None)  # BatchedPort counts its own drops
-        if not isinstance(stats, dict):
-            return {}
-        return {"rx_truncated": stats.get("truncated", 0)}
+        # asyncio reads up to 256 KiB and uvloop 64 KiB per datagram: above any UDP payload,
+        # so these endpoints never cut one.
+        return {}
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
 
-def socket_opener(io: str = "asyncio") -> OpenEndpoint:
-    """Real sockets: the running loop's endpoints (``"asyncio"``) or batched ports (``"batched"``)."""
-    from lb.adapters.batched_socket import open_datagram_port  # noqa: PLC0415 - ctypes only when used
+def socket_opener() -> OpenEndpoint:
+    """Real sockets: the running loop's own datagram endpoints (asyncio's or uvloop's)."""
 
     async def open_endpoint(
         address: Address, on_datagram: DatagramHandler, on_error: ErrorHandler, reuse_port: bool
@@ -114,7 +111,7 @@ def socket_opener(io: str = "asyncio") -> OpenEndpoint:
         sock = bind_udp(address, reuse_port=reuse_port)
         endpoint = _SocketEndpoint(on_datagram, on_error, normalize_address(sock.getsockname()[:2]))
         try:
-            await open_datagram_port(sock, lambda: endpoint, io)
+            await asyncio.get_running_loop().create_datagram_endpoint(lambda: endpoint, sock=sock)
         except BaseException:
             sock.close()
             raise
@@ -156,7 +153,7 @@ class AsyncioDatapath:
     """The :class:`~lb.adapters.datapath.Datapath` of one LB process over ``open_endpoint``."""
 
     def __init__(self, open_endpoint: OpenEndpoint | None = None) -> None:
-        self._open = open_endpoint if open_endpoint is not None else socket_opener("asyncio")
+        self._open = open_endpoint if open_endpoint is not None else socket_opener()
         self._encode = ProxyHeaderEncoder().encode
         self._inside: Endpoint | None = None
         self._return_path: ReturnPath | None = None
@@ -215,14 +212,14 @@ class AsyncioDatapath:
     # -- the datapath ---------------------------------------------------------
 
     def _vip_handler(self, service: str, vip: Address, router: Router) -> DatagramHandler:
-        route = router.route
+        route_batch = router.route_batch
         encode = self._encode
         tx = self._tx_to_backend
         unreachable = self._backend_unreachable
 
         def on_client_datagram(data: bytes, client: Address) -> None:
             self._rx_client += 1
-            _, backend = route(data, client)
+            backend = route_batch(data, 0, (len(data),), lambda _: client)[0][1]
             if backend is None:
                 return
             key = (service, backend.label)

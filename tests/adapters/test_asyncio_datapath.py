@@ -60,7 +60,7 @@ def test_refused_forwards_count_as_unreachable_and_the_inside_socket_survives(lo
     refused = ["0001", "0002", "0003"]
 
     async def main() -> None:
-        datapath = AsyncioDatapath(socket_opener("asyncio"))
+        datapath = AsyncioDatapath(socket_opener())
         await datapath.open_inside(("127.0.0.1", free_udp_port()), ReturnPath([table]))
         await datapath.open_vip("echo", vip, Router(table))
         try:
@@ -83,31 +83,4 @@ def test_refused_forwards_count_as_unreachable_and_the_inside_socket_survives(lo
         run_on(loop_name, main)
     finally:
         sink.close()
-        client.close()
-
-
-def test_batched_ports_count_what_they_truncate_as_received_and_dropped() -> None:
-    """Until the mmsg datapath lands, ``--io batched`` is this glue over 2048-byte receive slots."""
-    vip = ("127.0.0.1", free_udp_port())
-    table = build_service_table(name="echo", vip=vip, cid_configs=[CFG], backends=[], fallback_key=b"k")
-    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-
-    async def main() -> None:
-        datapath = AsyncioDatapath(socket_opener("batched"))
-        await datapath.open_inside(("127.0.0.1", free_udp_port()), ReturnPath([table]))
-        router = Router(table)
-        await datapath.open_vip("echo", vip, router)
-        try:
-            client.sendto(bytes(4000), vip)  # over the slot size: dropped by the port, not routed
-            client.sendto(b"", vip)  # routed (malformed)
-            await wait_for(lambda: datapath.stats().rx_client_datagrams == 2)
-            stats = datapath.stats()
-            assert stats.drops == {"rx_truncated": 1}
-            assert stats.rx_client_datagrams == router.stats().total_outcomes() + sum(stats.drops.values())
-        finally:
-            datapath.close()
-
-    try:
-        asyncio.run(main())
-    finally:
         client.close()
