@@ -186,6 +186,10 @@ def main() -> int:
     started_at = time.monotonic()
     tools = build_tools(args.rebuild)
     target_cpu, load_cpu = choose_cpus(args.no_pin)
+    if load_cpu is not None:
+        # This process (and the sink's drain threads) stays off the target's CPU; every child it
+        # starts inherits this and is then pinned explicitly (targets) or by its --cpu (C tools).
+        os.sched_setaffinity(0, {load_cpu})
     nginx_exe, module, nginx_version = nginx_setup(args.nginx)
     io_choices = lb_io_choices()
     plan = quick_plan() if quick else full_plan(io_choices)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLOCK_TICK_SECONDS = 1 / os.sysconf("SC_CLK_TCK")
+#: The CPUs this run may use, read before the orchestrator pins itself to the load CPU.
+ALLOWED_CPUS = frozenset(os.sched_getaffinity(0))
 
 
 def process_tree(pid: int) -> list[int]:
@@ -82,14 +84,17 @@ def rss_bytes(pid: int) -> int:
 
 
 def pin_tree(pid: int, cpu: int | None) -> None:
-    """Pin every thread of ``pid`` and of its children to ``cpu`` (sched_setaffinity is per thread)."""
-    if cpu is None:
-        return
+    """Pin every thread of ``pid`` and of its children to ``cpu`` (sched_setaffinity is per thread).
+
+    ``None`` gives them every allowed CPU back: children inherit the orchestrator's affinity, which
+    is the load CPU once the run is pinned, and an unpinned target (--workers 2) must not stay there.
+    """
+    cpus = set(ALLOWED_CPUS) if cpu is None else {cpu}
     for p in process_tree(pid):
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{p}/task"):
                 with contextlib.suppress(OSError):
-                    os.sched_setaffinity(int(tid), {cpu})
+                    os.sched_setaffinity(int(tid), cpus)
 
 
 def udp_drops() -> dict[int, int]:
@@ -134,7 +139,6 @@ def kernel_drops() -> dict[str, int]:
 
 def choose_cpus(no_pin: bool) -> tuple[int | None, int | None]:
     """(target CPU, load CPU): 0 and 1 when both are allowed, else no pinning."""
-    allowed = os.sched_getaffinity(0)
-    if no_pin or not {0, 1} <= allowed:
+    if no_pin or not {0, 1} <= ALLOWED_CPUS:
         return None, None
     return 0, 1
