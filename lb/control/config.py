@@ -58,6 +58,14 @@ HEALTH_THRESHOLD_RANGE = (1, 100)
 #: QUIC versions aioquic 1.7.2 backends speak: v1 (RFC 9000) and v2 (RFC 9369).
 DEFAULT_SUPPORTED_VERSIONS: tuple[int, ...] = (0x00000001, 0x6B3343CF)
 MAX_CID_CONFIGS = 7
+#: Services in one file: each binds a socket and has its own Maglev table, rebuilt on reloads.
+MAX_SERVICES = 64
+#: Backends of one service: a Maglev table needs 100 slots per backend, and M <= MAX_MAGLEV_SIZE.
+MAX_BACKENDS_PER_SERVICE = MAX_MAGLEV_SIZE // MIN_SLOTS_PER_BACKEND
+#: ``supported_versions`` entries (QUIC has a handful of versions).
+MAX_SUPPORTED_VERSIONS = 32
+#: ``lb_sources`` entries (one per other LB instance).
+MAX_LB_SOURCES = 256
 _PORT = re.compile(r"[0-9]{1,5}")
 _FALLBACK_PERSON = b"quiclb-fallback"
 _KEYSET_PERSON = b"quiclb-keyset"

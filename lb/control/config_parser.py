@@ -18,8 +18,10 @@ from lb.control.config import (
     HEALTH_INTERVAL_RANGE,
     HEALTH_THRESHOLD_RANGE,
     HEALTH_TIMEOUT_RANGE,
-    MAGLEV_SLOTS_PER_BACKEND,
+    MAX_LB_SOURCES,
     MAX_MAGLEV_SIZE,
+    MAX_SERVICES,
+    MAX_SUPPORTED_VERSIONS,
     MIN_MAGLEV_SIZE,
     LbConfig,
     LbSection,
@@ -71,9 +73,18 @@ class Parser(ServiceParser):
             self.fail("service", f"must be an array of tables ([[service]]), got {type_name(raw_services)}")
         if not raw_services:
             self.fail("service", "at least one [[service]] is required")
+        if len(raw_services) > MAX_SERVICES:
+            self.fail(
+                "service",
+                f"at most {MAX_SERVICES} services, got {len(raw_services)} (each binds a socket and has its "
+                "own Maglev table, rebuilt on every reload)",
+            )
         fallback_file_key = self.key_file(top["lb"], "fallback_key_file", "lb")
 
         services: list[ServiceConfig] = []
+        # Exact addresses already taken, so the checks across services stay linear in backends.
+        vip_owner: dict[Address, int] = {}
+        backend_owner: dict[Address, tuple[int, int]] = {}
         for index, raw in enumerate(raw_services):
             service = self.parse_service(raw, f"service[{index}]", lb, fallback_file_key)
             for other_index, other in enumerate(services):
@@ -88,31 +99,24 @@ class Parser(ServiceParser):
                         f"{format_address(service.vip)} collides with service[{other_index}].vip "
                         f"{format_address(other.vip)}; every service needs its own VIP",
                     )
-            for other_index, other in enumerate(services):
-                for b_index, b in enumerate(service.backends):
-                    bwhere = f"service[{index}].backend[{b_index}].address"
-                    if b.address == other.vip:
-                        self.fail(bwhere, f"{format_address(b.address)} is service[{other_index}].vip")
-                    if any(o.address == b.address for o in other.backends):
-                        self.fail(
-                            bwhere,
-                            f"{format_address(b.address)} is also a backend of service[{other_index}]; a "
-                            "backend serves one service (it answers with that service's VIP)",
-                        )
-                for b_index, b in enumerate(other.backends):
-                    if b.address == service.vip:
-                        self.fail(f"service[{other_index}].backend[{b_index}].address",
-                                  f"{format_address(b.address)} is service[{index}].vip")
+            for b_index, b in enumerate(service.backends):
+                bwhere = f"service[{index}].backend[{b_index}].address"
+                if b.address in vip_owner:
+                    self.fail(bwhere, f"{format_address(b.address)} is service[{vip_owner[b.address]}].vip")
+                if b.address in backend_owner:
+                    self.fail(
+                        bwhere,
+                        f"{format_address(b.address)} is also a backend of service[{backend_owner[b.address][0]}]; "
+                        "a backend serves one service (it answers with that service's VIP)",
+                    )
+            if service.vip in backend_owner:
+                other_index, b_index = backend_owner[service.vip]
+                self.fail(f"service[{other_index}].backend[{b_index}].address",
+                          f"{format_address(service.vip)} is service[{index}].vip")
+            vip_owner.setdefault(service.vip, index)
+            for b_index, b in enumerate(service.backends):
+                backend_owner[b.address] = (index, b_index)
             services.append(service)
-
-        largest = max(len(s.backends) for s in services)
-        if lb.maglev_size < MAGLEV_SLOTS_PER_BACKEND * largest:
-            self.fail(
-                "lb.maglev_size",
-                f"must be at least {MAGLEV_SLOTS_PER_BACKEND} x the largest service's backend count "
-                f"({MAGLEV_SLOTS_PER_BACKEND} x {largest} = {MAGLEV_SLOTS_PER_BACKEND * largest}), "
-                f"got {lb.maglev_size}",
-            )
 
         config = LbConfig(path=self.path, lb=lb, services=tuple(services), version=version, digest="")
         return dataclasses.replace(config, digest=config_digest(config))
@@ -226,7 +230,9 @@ class Parser(ServiceParser):
             return DEFAULT_SUPPORTED_VERSIONS
         if not raw:
             self.fail("lb.supported_versions", "must list at least one QUIC version")
-        versions: list[int] = []
+        if len(raw) > MAX_SUPPORTED_VERSIONS:
+            self.fail("lb.supported_versions", f"at most {MAX_SUPPORTED_VERSIONS} versions, got {len(raw)}")
+        versions: dict[int, None] = {}  # ordered, and a linear duplicate check
         for index, value in enumerate(raw):
             where = f"lb.supported_versions[{index}]"
             if isinstance(value, bool) or not isinstance(value, int):
@@ -237,18 +243,20 @@ class Parser(ServiceParser):
                 self.fail(where, f"0x{value:08x} is a reserved greasing version (RFC 9000 §15)")
             if value in versions:
                 self.fail(where, f"duplicate version 0x{value:08x}")
-            versions.append(value)
+            versions[value] = None
         return tuple(versions)
 
     def parse_lb_sources(self, t: Mapping[str, Any], inside: Address) -> tuple[Address, ...]:
         raw = self.typed(t, "lb_sources", "lb", list, 'an array of "IP:port" strings')
         if raw is None:
             return ()
-        sources: list[Address] = []
+        if len(raw) > MAX_LB_SOURCES:
+            self.fail("lb.lb_sources", f"at most {MAX_LB_SOURCES} addresses, got {len(raw)}")
+        sources: dict[Address, None] = {inside: None}  # ordered, and a linear duplicate check
         for index, value in enumerate(raw):
             where = f"lb.lb_sources[{index}]"
             address = parse_address(value, f"{self.path}: {where}")
-            if address == inside or address in sources:
+            if address in sources:
                 self.fail(where, f"duplicate address {format_address(address)}")
-            sources.append(address)
-        return tuple(sources)
+            sources[address] = None
+        return tuple(sources)[1:]

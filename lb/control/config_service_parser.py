@@ -10,7 +10,10 @@ import ipaddress
 import re
 
 from lb.control.config import (
+    MAGLEV_SLOTS_PER_BACKEND,
+    MAX_BACKENDS_PER_SERVICE,
     MAX_CID_CONFIGS,
+    MAX_MAGLEV_SIZE,
     BackendConfig,
     BackendState,
     LbSection,
@@ -117,19 +120,29 @@ class ServiceParser(TableReader):
         raw_backends = t.get("backend", [])
         if not isinstance(raw_backends, list):
             self.fail(f"{where}.backend", "must be an array of tables: write [[service.backend]]")
+        count = len(raw_backends)
+        if count * MAGLEV_SLOTS_PER_BACKEND > lb.maglev_size:  # before the work that grows with count
+            limit = (f"; at most {MAX_BACKENDS_PER_SERVICE} backends per service (lb.maglev_size <= "
+                     f"{MAX_MAGLEV_SIZE})" if count > MAX_BACKENDS_PER_SERVICE else "")
+            self.fail(
+                "lb.maglev_size",
+                f"must be at least {MAGLEV_SLOTS_PER_BACKEND} x the backend count of {where} "
+                f"({MAGLEV_SLOTS_PER_BACKEND} x {count} = {MAGLEV_SLOTS_PER_BACKEND * count}), "
+                f"got {lb.maglev_size}{limit}",
+            )
         backends: list[BackendConfig] = []
+        by_sid: dict[bytes, int] = {}
+        by_address: dict[Address, int] = {}
         for index, raw_backend in enumerate(raw_backends):
             bwhere = f"{where}.backend[{index}]"
             backend = self.parse_backend(raw_backend, bwhere, sid_len)
-            for other_index, seen in enumerate(backends):
-                also = f"(also {where}.backend[{other_index}])"
-                if seen.server_id == backend.server_id:
-                    self.fail(f"{bwhere}.server_id", f"duplicate server_id {backend.server_id.hex()} {also}")
-                if seen.address == backend.address:
-                    self.fail(
-                        f"{bwhere}.address",
-                        f"duplicate address {format_address(backend.address)} {also}",
-                    )
+            if backend.server_id in by_sid:
+                also = f"(also {where}.backend[{by_sid[backend.server_id]}])"
+                self.fail(f"{bwhere}.server_id", f"duplicate server_id {backend.server_id.hex()} {also}")
+            if backend.address in by_address:
+                also = f"(also {where}.backend[{by_address[backend.address]}])"
+                self.fail(f"{bwhere}.address", f"duplicate address {format_address(backend.address)} {also}")
+            by_sid[backend.server_id] = by_address[backend.address] = index
             if address_family(backend.address) != address_family(lb.inside):
                 self.fail(
                     f"{bwhere}.address",
