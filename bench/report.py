@@ -49,10 +49,12 @@ def target_checks(doc: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     sc = {s["scenario"]: s["targets"] for s in doc["scenarios"]}
 
     def cap(scn: str, t: str) -> float | None:
-        return sc.get(scn, {}).get(t, {}).get("capacity", {}).get("capacity")
+        v = sc.get(scn, {}).get(t, {}).get("capacity", {}).get("capacity")
+        return None if v is None else float(v)
 
     def cpu(scn: str, t: str) -> float | None:
-        return sc.get(scn, {}).get(t, {}).get("cpu", {}).get("cpu_us_median")
+        v = sc.get(scn, {}).get(t, {}).get("cpu", {}).get("cpu_us_median")
+        return None if v is None else float(v)
 
     checks: list[tuple[str, str, bool | None]] = []
 
