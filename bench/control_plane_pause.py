@@ -30,8 +30,8 @@ from pathlib import Path
 
 from results_file import run_metadata, write_result
 
-from lb.app import ring_executor
 from lb.control.config import load_config
+from lb.control.ring_worker import ring_executor
 from lb.control.table_builder import TableBuilder
 from lb.control.table_updater import TableUpdater
 from lb.core.router import Router

@@ -13,15 +13,11 @@ What is here is *which* objects exist, and the two phases of a reload
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import logging
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import Executor, ProcessPoolExecutor
-from multiprocessing import get_context
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
 from lb.adapters.asyncio_datapath import AsyncioDatapath, socket_opener
@@ -30,7 +26,8 @@ from lb.adapters.health_checker import HealthChecker, ProbeTarget
 from lb.adapters.mmsg import mmsg_available
 from lb.control.config import LbConfig
 from lb.control.reload import ConfigReloader
-from lb.control.snapshot import LbSnapshot, ReloadResult, backend_views, route_info, service_views
+from lb.control.ring_worker import ring_executor
+from lb.control.snapshot import LbSnapshot, ReloadResult, gather_snapshot, route_info
 from lb.control.table_builder import TableBuilder, same_routing
 from lb.control.table_updater import TableUpdater
 from lb.core.addresses import Address, format_address, normalize_address
@@ -45,8 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("quiclb")
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
 
 def open_datapath(io: str) -> Datapath:
     """``asyncio``: one callback per datagram; ``batched``: recvmmsg/sendmmsg (Linux)."""
@@ -59,24 +54,6 @@ def open_datapath(io: str) -> Datapath:
     if io != "asyncio":
         raise ValueError(f"io: must be 'asyncio' or 'batched', got {io!r}")
     return AsyncioDatapath(socket_opener())
-
-
-def ring_executor() -> Executor:
-    """Where Maglev rings are built: a process, so a build never holds the datapath's GIL
-    (measured in ``bench/control_plane_pause.py``: a thread pauses the loop for tens of ms).
-    Spawned, not forked (the loop has threads), and niced: on a busy host the datapath wins the CPU."""
-    return ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_init_ring_worker,
-                               initargs=(os.getpid(),))
-
-
-def _init_ring_worker(lb_pid: int) -> None:
-    os.nice(10)
-    # The pool's queues keep both pipe ends in the worker, so it never sees EOF when the LB is
-    # killed (-9): ask Linux to kill it with its parent instead, and catch a parent already gone.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != lb_pid:
-        os._exit(0)
 
 
 def probe_targets(cfg: LbConfig) -> list[ProbeTarget]:
@@ -232,23 +209,13 @@ class LoadBalancer:
         return route_info({name: r.table for name, r in self.routers.items()}, service, dcid)
 
     def snapshot(self) -> LbSnapshot:
-        cfg, tables = self.config, {name: r.table for name, r in self.routers.items()}
-        datapath, returns, health = self.datapath.stats(), self.return_path.stats(), self.health.stats()
-        reloads = self.reloader.stats()
-        extra = {"tx_to_client_errors": datapath.tx_to_client_errors,
-                 "health_probes_not_sent": health.probes_not_sent}
-        extra.update({f"drop_{reason}": n for reason, n in datapath.drops.items()})
-        extra.update({f"socket_errors_{role}": n for role, n in datapath.socket_errors.items()})
-        return LbSnapshot(
-            routers=tuple(r.stats() for r in [*self.routers.values(), *self.retired_routers]),
-            return_path=returns,
-            services=service_views(cfg, tables),
-            backends=backend_views(cfg, tables, health.statuses, datapath, returns),
-            config_path=str(cfg.path), config_version=cfg.version, config_digest=cfg.digest,
-            config_reloads=reloads.reloads, config_rejected=reloads.rejected,
-            last_reload_error=reloads.last_reload_error,
-            fallback_table_builds=self.builder.stats().fallback_table_builds,
-            started_at=self.started_at, pid=os.getpid(), extra=extra, datapath=datapath,
+        health = self.health.stats()
+        return gather_snapshot(
+            self.config, self.routers, self.retired_routers, returns=self.return_path.stats(),
+            datapath=self.datapath.stats(), health=health.statuses, reloads=self.reloader.stats(),
+            builds=self.builder.stats(), started_at=self.started_at,
+            extra={"health_probes_not_sent": health.probes_not_sent,
+                   "table_update_failures": self.updater.failures},
         )
 
 

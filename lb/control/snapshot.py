@@ -10,7 +10,8 @@ process: reloads never reset them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,10 +20,13 @@ from lb.core.addresses import format_address
 from lb.core.health import HealthKey, HealthStatus
 from lb.core.outcomes import RouterStats
 from lb.core.return_path import ReturnStats
+from lb.core.router import Router
 from lb.core.service_table import ServiceTable
 
-if TYPE_CHECKING:  # a type only: control never imports the adapters at run time
+if TYPE_CHECKING:  # types only: control never imports the adapters at run time
     from lb.adapters.datapath import DatapathStats
+    from lb.control.reload import ReloadStats
+    from lb.control.table_builder import TableBuilderStats
 
 
 @dataclass(frozen=True)
@@ -150,3 +154,34 @@ def route_info(tables: Mapping[str, ServiceTable], service: str | None, dcid: by
             "tombstoned": sid in table.tombstones if sid is not None else False,
         }
     return out
+
+
+def gather_snapshot(
+    config: LbConfig,
+    routers: Mapping[str, Router],
+    retired_routers: Iterable[Router],
+    *,
+    returns: ReturnStats,
+    datapath: DatapathStats,
+    health: Mapping[HealthKey, HealthStatus],
+    reloads: ReloadStats,
+    builds: TableBuilderStats,
+    started_at: float,
+    extra: Mapping[str, int],
+) -> LbSnapshot:
+    """One :class:`LbSnapshot` from every component's own ``stats()``."""
+    tables = {name: r.table for name, r in routers.items()}
+    adapter = {"tx_to_client_errors": datapath.tx_to_client_errors, **extra}
+    adapter.update({f"drop_{reason}": n for reason, n in datapath.drops.items()})
+    adapter.update({f"socket_errors_{role}": n for role, n in datapath.socket_errors.items()})
+    return LbSnapshot(
+        routers=tuple(r.stats() for r in [*routers.values(), *retired_routers]),
+        return_path=returns,
+        services=service_views(config, tables),
+        backends=backend_views(config, tables, health, datapath, returns),
+        config_path=str(config.path), config_version=config.version, config_digest=config.digest,
+        config_reloads=reloads.reloads, config_rejected=reloads.rejected,
+        last_reload_error=reloads.last_reload_error,
+        fallback_table_builds=builds.fallback_table_builds,
+        started_at=started_at, pid=os.getpid(), extra=adapter, datapath=datapath,
+    )
