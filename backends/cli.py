@@ -1,6 +1,11 @@
 """``quiclb-backend``: run one aioquic backend behind the load balancer (design §6).
 
     quiclb-backend -c lb.toml --server-id 0001 [--service echo] [--metrics 127.0.0.1:9101]
+    AWS_LBC_QUIC_SERVER_ID=0x00000000000000ab quiclb-backend -c nlb-profile.toml
+
+Without ``--server-id`` the server ID comes from ``AWS_LBC_QUIC_SERVER_ID``
+(base64, or ``0x`` + hex), as the AWS Load Balancer Controller sets it for
+backends behind an NLB QUIC listener (design §5, the NLB profile).
 
 When it is serving it prints exactly one line on stdout, for tests and the demo
 to wait on instead of sleeping::
@@ -34,7 +39,13 @@ from typing import Any
 
 from backends.metrics import MetricsServer
 from backends.server import BackendServer
-from backends.settings import BackendSettings, settings_from_config
+from backends.settings import (
+    AWS_SERVER_ID_ENV,
+    BackendSettings,
+    parse_server_id_option,
+    server_id_from_environment,
+    settings_from_config,
+)
 from lb.control.config import load_config, parse_address
 from lb.core.addresses import format_address
 from lb.errors import ConfigError
@@ -70,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "QUIC-LB routable connection IDs.",
     )
     parser.add_argument("-c", "--config", required=True, type=Path, help="the shared TOML file")
-    parser.add_argument("--server-id", required=True, help="this backend's server ID in hex, e.g. 0001")
+    parser.add_argument("--server-id",
+                        help=f"this backend's server ID in hex, e.g. 0001 (default: ${AWS_SERVER_ID_ENV})")
     parser.add_argument("--service", help="service name (needed when the file has several)")
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics and /stats here (loopback)")
     parser.add_argument("--cert-out", type=Path, metavar="FILE",
@@ -93,11 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        server_id = bytes.fromhex(args.server_id)
-    except ValueError:
-        return _fail(f"--server-id: {args.server_id!r} is not hex (e.g. 0001)")
-    if not server_id:
-        return _fail("--server-id: must not be empty")
+        if args.server_id is not None:
+            server_id = parse_server_id_option(args.server_id)
+        else:
+            from_env = server_id_from_environment(os.environ)
+            if from_env is None:
+                return _fail(f"--server-id is required (or set {AWS_SERVER_ID_ENV}, as the AWS controller does)")
+            server_id = from_env
+    except ConfigError as exc:
+        return _fail(str(exc))
     config_path: Path = args.config
 
     def load() -> BackendSettings:

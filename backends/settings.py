@@ -7,8 +7,11 @@ file; the CLI builds it with :func:`settings_from_config`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +23,10 @@ if TYPE_CHECKING:
     from lb.control.config import LbConfig
 
 Address = tuple[str, int]
+
+#: Where the AWS Load Balancer Controller hands each pod its QUIC server ID (design §5, NLB profile):
+#: base64, or ``0x`` + hex as the NLB API writes it.
+AWS_SERVER_ID_ENV = "AWS_LBC_QUIC_SERVER_ID"
 
 #: Return-path modes of design §4 (the values of ``[lb] return_mode``).
 RETURN_VIA_LB = "via-lb"
@@ -81,6 +88,43 @@ class BackendSettings:
     def lb_addresses(self) -> tuple[Address, ...]:
         """Every address encapsulated datagrams may come from."""
         return (self.lb_inside, *self.lb_sources)
+
+
+_HEX_DIGITS = re.compile(r"(?:[0-9a-fA-F]{2})+")
+
+
+def parse_server_id_option(text: str) -> bytes:
+    """``--server-id``: hex, with or without ``0x`` (``0001``, ``0x00000000000000ab``)."""
+    digits = text[2:] if text[:2].lower() == "0x" else text
+    if not digits:
+        raise ConfigError("--server-id: must not be empty")
+    if not _HEX_DIGITS.fullmatch(digits):
+        raise ConfigError(f"--server-id: {text!r} is not hex (e.g. 0001)")
+    return bytes.fromhex(digits)
+
+
+def server_id_from_environment(environ: Mapping[str, str]) -> bytes | None:
+    """The server ID in :data:`AWS_SERVER_ID_ENV`, or ``None`` when the variable is unset.
+
+    ``0x`` + hex digits is the NLB API's form; anything else must be base64,
+    the controller's form (``AAAAAAAAAAE=`` for ``0x0000000000000001``). A
+    bare hex string would be ambiguous (``00000000000000ab`` is valid base64
+    too), so it is read as base64, as the controller means it.
+    """
+    text = environ.get(AWS_SERVER_ID_ENV)
+    if text is None:
+        return None
+    text = text.strip()
+    hex_form = text[:2].lower() == "0x"
+    try:
+        if hex_form and not _HEX_DIGITS.fullmatch(text[2:]):
+            raise ValueError("not hex digits")
+        server_id = bytes.fromhex(text[2:]) if hex_form else base64.b64decode(text, validate=True)
+    except (ValueError, binascii.Error):
+        raise ConfigError(f"{AWS_SERVER_ID_ENV}: {text[:64]!r} is neither base64 nor 0x + hex digits") from None
+    if not server_id:
+        raise ConfigError(f"{AWS_SERVER_ID_ENV}: must not be empty")
+    return server_id
 
 
 def _mode_text(mode: object) -> str:
