@@ -123,7 +123,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *
     [("symlink", "a symbolic link"), ("device", "a character device"), ("fifo", "a FIFO"),
      ("directory", "a directory")],
 )
-def test_keygen_force_never_replaces_anything_but_a_regular_file(tmp_path: Path, target: str, kind: str) -> None:
+@pytest.mark.parametrize("force", [True, False], ids=["force", "no-force"])
+def test_keygen_never_replaces_anything_but_a_regular_file(tmp_path: Path, target: str, kind: str,
+                                                           force: bool) -> None:
     path = tmp_path / "k.key"
     victim = tmp_path / "victim"
     victim.write_text("keep me\n")
@@ -136,7 +138,8 @@ def test_keygen_force_never_replaces_anything_but_a_regular_file(tmp_path: Path,
     else:
         path.mkdir()
     before = os.lstat(path)
-    assert_one_line_error(quiclb("keygen", "-o", str(path), "--force"), 2, str(path), kind)
+    args = ["keygen", "-o", str(path)] + (["--force"] if force else [])
+    assert_one_line_error(quiclb(*args), 2, str(path), f"refusing to write a key over {kind}")
     after = os.lstat(path)
     assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)
     assert victim.read_text() == "keep me\n"

@@ -65,8 +65,9 @@ def write_key_file(path: Path, key: bytes | None = None, *, overwrite: bool = Fa
             try:
                 _write_new_private(path, data)
             except FileExistsError:
+                _refuse_unless_absent_or_regular(path)  # a symlink, device, FIFO, directory: say which
                 raise ConfigError(
-                    f"{path}: refusing to overwrite an existing {_kind_at(path)} (a key in use would be lost); "
+                    f"{path}: refusing to overwrite an existing key file (a key in use would be lost); "
                     "delete it first or ask for overwrite"
                 ) from None
             return key
@@ -104,14 +105,6 @@ def _ensure_parent(parent: Path) -> None:
         raise ConfigError(f"{parent}: not a directory ({file_kind(st.st_mode)})")
 
 
-def _kind_at(path: Path) -> str:
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return "file"
-    return "key file" if stat.S_ISREG(mode) else file_kind(mode)
-
-
 def _refuse_unless_absent_or_regular(path: Path) -> None:
     try:
         mode = os.lstat(path).st_mode
@@ -119,7 +112,8 @@ def _refuse_unless_absent_or_regular(path: Path) -> None:
         return
     if not stat.S_ISREG(mode):
         raise ConfigError(
-            f"{path}: refusing to replace {file_kind(mode)}; only an absent path or a regular file is overwritten"
+            f"{path}: refusing to write a key over {file_kind(mode)}; only an absent path or a regular file "
+            "is ever replaced"
         )
 
 
