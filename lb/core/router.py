@@ -32,12 +32,12 @@ sends each datagram to the returned backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
 
 from lb.core.addresses import Address
-from lb.core.cid_decoder import ConfigDecoder
+from lb.core.batch_routing import BatchRouting
 from lb.core.maglev import four_tuple_key
-from lb.core.outcomes import OUTCOMES, ByteSlicer, Outcome, RouteDecision, RouterStats
+from lb.core.outcomes import OUTCOMES, CidRoute, Outcome, RouteDecision, RouterStats
 from lb.core.quic_constants import MIN_INITIAL_DATAGRAM
 from lb.core.quic_header import parse_routing_fields_untrusted
 from lb.core.service_table import Backend, ServiceTable
@@ -47,27 +47,9 @@ from lb.errors import MalformedDatagram
 DEFAULT_CACHE_SIZE = 65536
 
 
-#: Placeholder in a batch's decision list until the decision is made (never returned).
-_PENDING: RouteDecision = (Outcome.MALFORMED_DROPPED, None)
 
 
-class _CidRoute:
-    """A (configuration, backend) pair that DCIDs decode to: the decode cache's values.
-
-    Holding the pre-built decision and the pair's counter here makes a cache hit
-    one dict lookup and one increment: no tuple, no label lookup per datagram.
-    """
-
-    __slots__ = ("config_id", "count", "decision", "label")
-
-    def __init__(self, config_id: int, backend: Backend) -> None:
-        self.config_id = config_id
-        self.label = backend.label
-        self.count = 0
-        self.decision: RouteDecision = (Outcome.CID_ROUTED, backend)
-
-
-class Router:
+class Router(BatchRouting):
     """Routes the datagrams of one service against its current :class:`ServiceTable`.
 
     ``set_table`` swaps the table atomically (one reference assignment) and
@@ -78,13 +60,15 @@ class Router:
         if cache_size < 0:
             raise ValueError(f"cache_size: must be >= 0 (0 disables the cache), got {cache_size}")
         self.table = table
-        self._cache: dict[bytes, _CidRoute] = {}
+        self._cache: dict[bytes, CidRoute] = {}
         self._cache_size = cache_size
-        self._counts = [0] * len(OUTCOMES)  # CID_ROUTED lives in the _CidRoute counters
+        self._counts = [0] * len(OUTCOMES)  # CID_ROUTED lives in the CidRoute counters
         self._malformed: dict[str, int] = {}
-        self._routes: dict[tuple[int, bytes], _CidRoute] = {}  # of the current table
+        self._routes: dict[tuple[int, bytes], CidRoute] = {}  # of the current table
         self._retired_cid_routed: dict[tuple[int, str], int] = {}  # counts of earlier tables' routes
         self._fallback_routed: dict[str, int] = {}
+        self._hits: Counter[CidRoute] = Counter()  # cache hits counted a batch at a time
+        self._dcid_slices: dict[tuple[int, int], list[slice]] = {}  # (stride, DCID length) -> slices
         self._cipher_calls = 0
         self._evictions = 0
         self._rx = 0
@@ -93,8 +77,9 @@ class Router:
         # Counters are monotonic: fold the old table's per-route counts into the totals.
         for route in self._routes.values():
             key = (route.config_id, route.label)
-            self._retired_cid_routed[key] = self._retired_cid_routed.get(key, 0) + route.count
+            self._retired_cid_routed[key] = self._retired_cid_routed.get(key, 0) + route.count + self._hits[route]
         self._routes = {}
+        self._hits = Counter()
         self._cache = {}
         self.table = table
 
@@ -162,163 +147,13 @@ class Router:
                 reason = Outcome.FALLBACK_UNKNOWN_SID
         return self._fallback(reason, client)
 
-    def route_batch(
-        self,
-        buf: bytes | memoryview,
-        stride: int,
-        lengths: Sequence[int],
-        client_at: Callable[[int], Address],
-        raw: ByteSlicer | None = None,
-    ) -> list[RouteDecision]:
-        """Route ``len(lengths)`` datagrams; datagram ``i`` is ``buf[i * stride : i * stride + lengths[i]]``.
-
-        ``client_at(i)`` gives datagram ``i``'s client address; it is called only
-        for datagrams that need the fallback, so adapters can decode addresses
-        lazily. ``raw`` is the same memory as ``buf`` in a form whose slices are
-        ``bytes`` (a ``bytes`` ``buf`` is its own; the recvmmsg adapter passes
-        its ctypes buffer, whose slices cost a third of a memoryview's slice
-        plus ``bytes()``). Decisions and counters equal :meth:`route` called on
-        each datagram in order (the cache's eviction order aside, which may
-        differ within one batch when the cache is full).
-        """
-        if raw is None:
-            if not isinstance(buf, bytes):
-                raise TypeError("route_batch: pass raw= with a memoryview buffer (its slices must be bytes)")
-            raw = buf
-        n = len(lengths)
-        self._rx += n
-        table = self.table
-        by_config = table.decoder.by_config_id
-        cache_get = self._cache.get
-        out: list[RouteDecision] = [_PENDING] * n
-        # DCID -> (decoder, indices of the datagrams of this batch that carry it)
-        misses: dict[bytes, tuple[ConfigDecoder, list[int]]] = {}
-        long_reasons: dict[int, Outcome] = {}
-        off = 0
-        for i in range(n):
-            size = lengths[i]
-            if size > 1 and buf[off] & 0xC0 == 0x40:
-                # Short header with the fixed bit (RFC 8999 §5.2, RFC 9000 §17.3.1): the fast path.
-                dec = by_config[buf[off + 1] >> 5]
-                if dec is not None and size > (cid_len := dec.cid_len):
-                    dcid = raw[off + 1 : off + 1 + cid_len]
-                    route = cache_get(dcid)
-                    if route is not None:
-                        route.count += 1
-                        out[i] = route.decision
-                    elif (miss := misses.get(dcid)) is not None:
-                        miss[1].append(i)
-                    else:
-                        misses[dcid] = (dec, [i])
-                else:
-                    out[i] = self._unroutable_short(
-                        Outcome.FALLBACK_NO_CONFIG, Outcome.UNROUTABLE_DROPPED, client_at(i)
-                    )
-            elif size == 0:
-                out[i] = self._malformed_drop("empty")
-            elif (first := buf[off]) & 0x80:
-                decided = self._route_long(raw[off : off + size], i, client_at, misses, long_reasons)
-                if decided is not None:
-                    out[i] = decided
-            elif not first & 0x40:
-                out[i] = self._malformed_drop("fixed_bit")
-            else:
-                out[i] = self._malformed_drop("truncated")  # a short header of one byte: no DCID
-            off += stride
-        if misses:
-            self._resolve_misses(misses, long_reasons, out, client_at)
-        return out
-
-    def _route_long(
-        self,
-        datagram: bytes,
-        i: int,
-        client_at: Callable[[int], Address],
-        misses: dict[bytes, tuple[ConfigDecoder, list[int]]],
-        long_reasons: dict[int, Outcome],
-    ) -> RouteDecision | None:
-        """Steps 1-5 for a long header; None when its DCID joins the batch's cache misses."""
-        table = self.table
-        try:
-            fields = parse_routing_fields_untrusted(datagram, table.supported_versions)
-        except MalformedDatagram as exc:
-            return self._malformed_drop(exc.reason)
-        version = fields.version
-        if version == 0:
-            return self._drop(Outcome.VN_DROPPED)
-        supported = version in table.supported_versions
-        if not supported and len(datagram) < MIN_INITIAL_DATAGRAM:
-            return self._drop(Outcome.SMALL_UNKNOWN_VERSION_DROPPED)
-        dcid = fields.dcid
-        reason = Outcome.FALLBACK_INITIAL if supported else Outcome.FALLBACK_UNKNOWN_VERSION
-        dec = table.decoder.by_config_id[dcid[0] >> 5] if dcid else None
-        if dec is None or len(dcid) < dec.cid_len:
-            return self._fallback(reason, client_at(i))
-        key = dcid[: dec.cid_len]
-        route = self._cache.get(key)
-        if route is not None:
-            route.count += 1
-            return route.decision
-        # Decoded with the batch; an unknown server ID then takes the fallback for this reason.
-        long_reasons[i] = Outcome.FALLBACK_UNKNOWN_SID if supported else reason
-        miss = misses.get(key)
-        if miss is not None:
-            miss[1].append(i)
-        else:
-            misses[key] = (dec, [i])
-        return None
-
-    def _resolve_misses(
-        self,
-        misses: dict[bytes, tuple[ConfigDecoder, list[int]]],
-        long_reasons: dict[int, Outcome],
-        out: list[RouteDecision],
-        client_at: Callable[[int], Address],
-    ) -> None:
-        """Decode every missed DCID of a batch, one decoder call (one AES call per pass) per configuration."""
-        table = self.table
-        groups: dict[int, tuple[ConfigDecoder, list[bytes]]] = {}
-        for dcid, (dec, _) in misses.items():
-            group = groups.get(dec.cfg.config_id)
-            if group is None:
-                groups[dec.cfg.config_id] = (dec, [dcid])
-            else:
-                group[1].append(dcid)
-        caching = self._cache_size > 0
-        for dec, dcids in groups.values():
-            passes = dec.cfg.lb_passes
-            for dcid, sid in zip(dcids, dec.decode_many(dcids), strict=True):
-                indices = misses[dcid][1]
-                backend = table.backends.get(sid) if sid is not None else None
-                if backend is not None:
-                    # Like the scalar path: the first datagram decodes and fills the cache,
-                    # the others of the batch are cache hits.
-                    self._cipher_calls += passes if caching else passes * len(indices)
-                    decision = self._cid_route(dcid, dec.cfg.config_id, backend)
-                    route = self._routes[(dec.cfg.config_id, backend.server_id)]
-                    route.count += len(indices) - 1
-                    for i in indices:
-                        out[i] = decision
-                    continue
-                self._cipher_calls += passes * len(indices)  # unknown server IDs are never cached
-                for i in indices:
-                    reason = long_reasons.get(i)
-                    if reason is not None:
-                        out[i] = self._fallback(reason, client_at(i))
-                    elif sid in table.tombstones:
-                        out[i] = self._drop(Outcome.REMOVED_BACKEND_DROPPED)
-                    else:
-                        out[i] = self._unroutable_short(
-                            Outcome.FALLBACK_SHORT_UNKNOWN_SID, Outcome.UNKNOWN_SID_DROPPED, client_at(i)
-                        )
-
     # -- outcomes -------------------------------------------------------------
 
     def _cid_route(self, dcid: bytes, config_id: int, backend: Backend) -> RouteDecision:
         """A decoded (cache-miss) CID route: count it and remember the DCID."""
         route = self._routes.get((config_id, backend.server_id))
         if route is None:
-            route = self._routes[(config_id, backend.server_id)] = _CidRoute(config_id, backend)
+            route = self._routes[(config_id, backend.server_id)] = CidRoute(config_id, backend)
         route.count += 1
         self._remember(dcid, route)
         return route.decision
@@ -347,7 +182,7 @@ class Router:
         self._malformed[reason] = self._malformed.get(reason, 0) + 1
         return Outcome.MALFORMED_DROPPED, None
 
-    def _remember(self, dcid: bytes, route: _CidRoute) -> None:
+    def _remember(self, dcid: bytes, route: CidRoute) -> None:
         cache = self._cache
         if self._cache_size == 0:
             return
@@ -363,7 +198,7 @@ class Router:
         cid_routed = dict(self._retired_cid_routed)
         for route in self._routes.values():
             key = (route.config_id, route.label)
-            cid_routed[key] = cid_routed.get(key, 0) + route.count
+            cid_routed[key] = cid_routed.get(key, 0) + route.count + self._hits[route]
         outcomes = {o: self._counts[o] for o in OUTCOMES}
         outcomes[Outcome.CID_ROUTED] = sum(cid_routed.values())
         return RouterStats(

@@ -199,3 +199,58 @@ def test_misses_of_a_batch_are_decoded_with_one_decoder_call_per_configuration(
     router.route_batch(buf, stride, lengths, lambda i: ("198.51.100.7", 1000 + i))
     unknown = sum(1 for c in cids[:64] if tbl.decoder.decode(c) not in tbl.backends)
     assert sum(calls) == unknown
+
+
+def impostors(cached: bytes, cid_len: int) -> dict[str, tuple[bytes, int]]:
+    """Slots whose bytes after the first octet are a cached DCID, but which are not that route.
+
+    Each value is (slot bytes, datagram length): the length may end before the slot's bytes
+    do, as when a short datagram lands in a slot that still holds an older, longer one.
+    """
+    return {
+        "long header": (b"\xc0" + cached[1:], len(cached)),  # a version, not a DCID, follows
+        "fixed bit clear": (b"\x01" + cached[1:], len(cached)),
+        "first octet 0x80": (b"\x80" + cached[1:], len(cached)),
+        "DCID cut short (stale slot)": (cached, cid_len),
+        "one byte": (cached, 1),
+        "empty": (cached, 0),
+    }
+
+
+@pytest.mark.parametrize("kind", list(TABLES))
+def test_batches_of_cached_datagrams_route_together_and_impostors_are_not_fooled(kind: str) -> None:
+    # Step 1 of lb/core/batch_routing.py: a batch whose every datagram is a cached short header is
+    # routed without per-datagram Python. Any datagram that only *looks* cached (a cached DCID after
+    # the wrong first octet, or one cut short in a slot that still holds the rest) must not ride along.
+    tbl = TABLES[kind]
+    rng = random.Random(kind)
+    cids = [c for c in cids_of(tbl, 3) if tbl.decoder.decode(c) in tbl.backends]
+    cached = [short_header(c, payload_len=rng.randrange(0, 30)) for c in cids]
+    scalar, batch = Router(tbl), Router(tbl)
+    for d in cached:  # warm both caches
+        scalar.route(d, ("198.51.100.7", 1))
+        buf, stride, lengths = slots([d])
+        batch.route_batch(buf, stride, lengths, lambda i: ("198.51.100.7", 1))
+
+    def route_both(items: list[tuple[bytes, int]]) -> None:
+        stride = max(len(b) for b, _ in items) + 3
+        buf = bytearray(stride * len(items))
+        for i, (b, _) in enumerate(items):
+            buf[i * stride : i * stride + len(b)] = b
+        lengths = [n for _, n in items]
+        expected = [scalar.route(b[:n], ("198.51.100.7", 2)) for b, n in items]
+        got = batch.route_batch(bytes(buf), stride, lengths, lambda i: ("198.51.100.7", 2))
+        assert got == expected
+        assert comparable(batch.stats(), with_cipher=True) == comparable(scalar.stats(), with_cipher=True)
+
+    hits_before = sum(batch._hits.values())
+    one_config = [d for d in cached if d[1] >> 5 == cached[0][1] >> 5]
+    route_both([(d, len(d)) for d in one_config[:40]])
+    assert sum(batch._hits.values()) - hits_before == min(40, len(one_config))  # the all-hits path ran
+    route_both([(d, len(d)) for d in cached[:40]])  # several configurations in one batch
+    cid_len = tbl.cid_configs[0].cid_len
+    for name, impostor in impostors(one_config[0], cid_len).items():
+        items = [(d, len(d)) for d in one_config[1:20]]
+        items.insert(rng.randrange(len(items) + 1), impostor)
+        route_both(items)
+        assert batch.stats().outcomes == scalar.stats().outcomes, name

@@ -1,0 +1,243 @@
+"""Router.route_batch: the batched entry point of the router (a mixin of :class:`lb.core.router.Router`).
+
+Same decisions and counters as :meth:`Router.route` on each datagram in order
+(tests/core/test_router_batch.py holds them equal for any mix), in three steps:
+
+1. **All cache hits** (the steady state of a busy LB): when every datagram of
+   the batch is a short header whose DCID is in the decode cache, the whole
+   batch is routed by a handful of C-level calls — the first and second octets
+   gathered by strided slices, the DCIDs by ``map`` over precomputed slices,
+   the routes by ``map(cache.get, ...)``, the hits counted by one
+   ``Counter.update`` — and no Python bytecode runs per datagram.
+2. Otherwise, one pass in Python over the batch: cheap rejects, cache hits,
+   and the misses collected by DCID.
+3. Every miss of the batch decoded together, one decoder call (one AES call
+   per pass) per configuration; then the fallbacks.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from operator import attrgetter
+
+from lb.core.addresses import Address
+from lb.core.cid_decoder import ConfigDecoder
+from lb.core.outcomes import ByteSlicer, CidRoute, Outcome, RouteDecision
+from lb.core.quic_constants import MIN_INITIAL_DATAGRAM
+from lb.core.quic_header import parse_routing_fields_untrusted
+from lb.core.service_table import Backend, ServiceTable
+from lb.errors import MalformedDatagram
+
+#: Placeholder in a batch's decision list until the decision is made (never returned).
+_PENDING: RouteDecision = (Outcome.MALFORMED_DROPPED, None)
+_DECISION = attrgetter("decision")
+
+
+class BatchRouting:
+    """The batch half of :class:`lb.core.router.Router`; the state and the outcome helpers live there."""
+
+    table: ServiceTable
+    _cache: dict[bytes, CidRoute]
+    _cache_size: int
+    _routes: dict[tuple[int, bytes], CidRoute]
+    _hits: Counter[CidRoute]
+    _cipher_calls: int
+    _rx: int
+    _dcid_slices: dict[tuple[int, int], list[slice]]
+
+    # Implemented by Router: each counts one outcome and returns its decision.
+    def _cid_route(self, dcid: bytes, config_id: int, backend: Backend) -> RouteDecision:
+        raise NotImplementedError
+
+    def _fallback(self, outcome: Outcome, client: Address) -> RouteDecision:
+        raise NotImplementedError
+
+    def _unroutable_short(self, fallback: Outcome, drop: Outcome, client: Address) -> RouteDecision:
+        raise NotImplementedError
+
+    def _drop(self, outcome: Outcome) -> RouteDecision:
+        raise NotImplementedError
+
+    def _malformed_drop(self, reason: str) -> RouteDecision:
+        raise NotImplementedError
+
+    def route_batch(
+        self,
+        buf: bytes | memoryview,
+        stride: int,
+        lengths: Sequence[int],
+        client_at: Callable[[int], Address],
+        raw: ByteSlicer | None = None,
+    ) -> list[RouteDecision]:
+        """Route ``len(lengths)`` datagrams; datagram ``i`` is ``buf[i * stride : i * stride + lengths[i]]``.
+
+        ``client_at(i)`` gives datagram ``i``'s client address; it is called only
+        for datagrams that need the fallback, so adapters can decode addresses
+        lazily. ``raw`` is the same memory as ``buf`` in a form whose slices are
+        ``bytes`` (a ``bytes`` ``buf`` is its own; the recvmmsg adapter passes
+        its ctypes buffer, whose slices cost a third of a memoryview's slice
+        plus ``bytes()``). Decisions and counters equal :meth:`route` called on
+        each datagram in order (the cache's eviction order aside, which may
+        differ within one batch when the cache is full).
+        """
+        if raw is None:
+            if not isinstance(buf, bytes):
+                raise TypeError("route_batch: pass raw= with a memoryview buffer (its slices must be bytes)")
+            raw = buf
+        n = len(lengths)
+        if n > 1 and stride:
+            hits = self._route_all_hits(buf, stride, lengths, raw, n)
+            if hits is not None:
+                return hits
+        self._rx += n
+        table = self.table
+        by_config = table.decoder.by_config_id
+        cache_get = self._cache.get
+        out: list[RouteDecision] = [_PENDING] * n
+        # DCID -> (decoder, indices of the datagrams of this batch that carry it)
+        misses: dict[bytes, tuple[ConfigDecoder, list[int]]] = {}
+        long_reasons: dict[int, Outcome] = {}
+        off = 0
+        for i in range(n):
+            size = lengths[i]
+            if size > 1 and buf[off] & 0xC0 == 0x40:
+                # Short header with the fixed bit (RFC 8999 §5.2, RFC 9000 §17.3.1): the fast path.
+                dec = by_config[buf[off + 1] >> 5]
+                if dec is not None and size > (cid_len := dec.cid_len):
+                    dcid = raw[off + 1 : off + 1 + cid_len]
+                    route = cache_get(dcid)
+                    if route is not None:
+                        route.count += 1
+                        out[i] = route.decision
+                    elif (miss := misses.get(dcid)) is not None:
+                        miss[1].append(i)
+                    else:
+                        misses[dcid] = (dec, [i])
+                else:
+                    out[i] = self._unroutable_short(
+                        Outcome.FALLBACK_NO_CONFIG, Outcome.UNROUTABLE_DROPPED, client_at(i)
+                    )
+            elif size == 0:
+                out[i] = self._malformed_drop("empty")
+            elif (first := buf[off]) & 0x80:
+                decided = self._route_long(raw[off : off + size], i, client_at, misses, long_reasons)
+                if decided is not None:
+                    out[i] = decided
+            elif not first & 0x40:
+                out[i] = self._malformed_drop("fixed_bit")
+            else:
+                out[i] = self._malformed_drop("truncated")  # a short header of one byte: no DCID
+            off += stride
+        if misses:
+            self._resolve_misses(misses, long_reasons, out, client_at)
+        return out
+
+    def _route_all_hits(
+        self, buf: bytes | memoryview, stride: int, lengths: Sequence[int], raw: ByteSlicer, n: int
+    ) -> list[RouteDecision] | None:
+        """Step 1 of the module header: the batch's decisions if every datagram is a cached short header."""
+        end = n * stride
+        firsts = buf[0:end:stride]
+        if min(firsts) < 0x40 or max(firsts) > 0x7F:  # not all short headers with the fixed bit
+            return None
+        # The DCID length of the first live configuration named: a datagram of another
+        # configuration is cut at a length no cached DCID of its own configuration has, and
+        # misses (cache keys carry their config bits, so a miss is all a wrong cut can do).
+        dec = self.table.decoder.by_config_id[min(buf[1:end:stride]) >> 5]
+        if dec is None or min(lengths) <= dec.cid_len:  # a DCID cut short would read a stale slot
+            return None
+        slices = self._dcid_slices.get((stride, dec.cid_len))
+        if slices is None or len(slices) < n:
+            slices = self._dcid_slices[(stride, dec.cid_len)] = [
+                slice(i * stride + 1, i * stride + 1 + dec.cid_len) for i in range(max(n, 64))
+            ]
+        routes = list(map(self._cache.get, map(raw.__getitem__, slices[:n])))
+        if None in routes:  # a miss: step 2 decodes it with the others
+            return None
+        self._rx += n
+        self._hits.update(routes)  # type: ignore[arg-type]  # no None: checked above
+        return list(map(_DECISION, routes))
+
+    def _route_long(
+        self,
+        datagram: bytes,
+        i: int,
+        client_at: Callable[[int], Address],
+        misses: dict[bytes, tuple[ConfigDecoder, list[int]]],
+        long_reasons: dict[int, Outcome],
+    ) -> RouteDecision | None:
+        """Steps 1-5 for a long header; None when its DCID joins the batch's cache misses."""
+        table = self.table
+        try:
+            fields = parse_routing_fields_untrusted(datagram, table.supported_versions)
+        except MalformedDatagram as exc:
+            return self._malformed_drop(exc.reason)
+        version = fields.version
+        if version == 0:
+            return self._drop(Outcome.VN_DROPPED)
+        supported = version in table.supported_versions
+        if not supported and len(datagram) < MIN_INITIAL_DATAGRAM:
+            return self._drop(Outcome.SMALL_UNKNOWN_VERSION_DROPPED)
+        dcid = fields.dcid
+        reason = Outcome.FALLBACK_INITIAL if supported else Outcome.FALLBACK_UNKNOWN_VERSION
+        dec = table.decoder.by_config_id[dcid[0] >> 5] if dcid else None
+        if dec is None or len(dcid) < dec.cid_len:
+            return self._fallback(reason, client_at(i))
+        key = dcid[: dec.cid_len]
+        route = self._cache.get(key)
+        if route is not None:
+            route.count += 1
+            return route.decision
+        # Decoded with the batch; an unknown server ID then takes the fallback for this reason.
+        long_reasons[i] = Outcome.FALLBACK_UNKNOWN_SID if supported else reason
+        miss = misses.get(key)
+        if miss is not None:
+            miss[1].append(i)
+        else:
+            misses[key] = (dec, [i])
+        return None
+
+    def _resolve_misses(
+        self,
+        misses: dict[bytes, tuple[ConfigDecoder, list[int]]],
+        long_reasons: dict[int, Outcome],
+        out: list[RouteDecision],
+        client_at: Callable[[int], Address],
+    ) -> None:
+        """Decode every missed DCID of a batch, one decoder call (one AES call per pass) per configuration."""
+        table = self.table
+        groups: dict[int, tuple[ConfigDecoder, list[bytes]]] = {}
+        for dcid, (dec, _) in misses.items():
+            group = groups.get(dec.cfg.config_id)
+            if group is None:
+                groups[dec.cfg.config_id] = (dec, [dcid])
+            else:
+                group[1].append(dcid)
+        caching = self._cache_size > 0
+        for dec, dcids in groups.values():
+            passes = dec.cfg.lb_passes
+            for dcid, sid in zip(dcids, dec.decode_many(dcids), strict=True):
+                indices = misses[dcid][1]
+                backend = table.backends.get(sid) if sid is not None else None
+                if backend is not None:
+                    # Like the scalar path: the first datagram decodes and fills the cache,
+                    # the others of the batch are cache hits.
+                    self._cipher_calls += passes if caching else passes * len(indices)
+                    decision = self._cid_route(dcid, dec.cfg.config_id, backend)
+                    route = self._routes[(dec.cfg.config_id, backend.server_id)]
+                    route.count += len(indices) - 1
+                    for i in indices:
+                        out[i] = decision
+                    continue
+                self._cipher_calls += passes * len(indices)  # unknown server IDs are never cached
+                for i in indices:
+                    reason = long_reasons.get(i)
+                    if reason is not None:
+                        out[i] = self._fallback(reason, client_at(i))
+                    elif sid in table.tombstones:
+                        out[i] = self._drop(Outcome.REMOVED_BACKEND_DROPPED)
+                    else:
+                        out[i] = self._unroutable_short(
+                            Outcome.FALLBACK_SHORT_UNKNOWN_SID, Outcome.UNKNOWN_SID_DROPPED, client_at(i)
+                        )
