@@ -255,7 +255,8 @@ _SERVICE = ['[[service.cid_config]]', 'config_id = 0', 'server_id_len = 3', 'non
 def _many_backends(tmp_path: Path) -> Path:
     lines = [*_LB, '[[service]]', 'name = "echo"', 'vip = "127.0.0.1:4433"', *_SERVICE]
     for i in range(1, 50_001):
-        lines += ['[[service.backend]]', f'server_id = "{i:06x}"', f'address = "10.{i >> 16}.{(i >> 8) & 255}.{i & 255}:5"']
+        address = f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}:5"
+        lines += ['[[service.backend]]', f'server_id = "{i:06x}"', f'address = "{address}"']
     return _write(tmp_path, lines)
 
 
