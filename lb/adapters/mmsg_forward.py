@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import socket
+from array import array
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, cast
 
 from lb.adapters.mmsg import (
@@ -50,6 +52,9 @@ from lb.core.service_table import ServiceTable
 
 if TYPE_CHECKING:
     from lb.adapters.mmsg_datapath import MmsgDatapath
+
+_BACKEND = itemgetter(1)  # of a RouteDecision
+_LABEL = attrgetter("label")
 
 
 class Destinations:
@@ -107,7 +112,10 @@ class MmsgVipPort:
         namelen = SOCKADDR_IN6_BYTES if datapath.inside.family == socket.AF_INET6 else SOCKADDR_IN_BYTES
         for j in range(ring.batch):
             self.send.words[j * MSG_WORDS + 1] = namelen  # msg_namelen
+            self.send.words[j * MSG_WORDS + 2] = self._iov_ptrs[j]  # message j sends slot j ...
             self.send.words[j * MSG_WORDS + 3] = 6  # msg_iovlen
+        self._slot_iov_ptrs = array("Q", self._iov_ptrs)
+        self._compacted = False  # ... unless a batch with drops packed the later slots forward
         self._send_ptr = self.send.pointers[0]
         # backend label -> pointer to its sockaddr, for the table it was built from
         self._dests: dict[str, int] = {}
@@ -181,16 +189,29 @@ class MmsgVipPort:
             if router.table is not self._dest_table:
                 self._refresh_destinations(router.table)
             dests = self._dests
-            j = 0
-            for i in range(n):
-                backend = decisions[i][1]
-                if backend is None:
-                    continue
-                w = j << 3  # MSG_WORDS
-                words[w] = dests[backend.label]
-                words[w + 2] = iov_ptrs[i]
-                iov_words[12 * i + 11] = lengths[i]
-                j += 1
+            backends = list(map(_BACKEND, decisions))
+            if None not in backends:
+                # Every datagram forwarded (the steady state): message i sends slot i, so only the
+                # destinations and the payload lengths change, written by two strided copies.
+                if self._compacted:
+                    words[2 : batch << 3 : 8] = self._slot_iov_ptrs
+                    self._compacted = False
+                words[0 : n << 3 : 8] = array("Q", map(dests.__getitem__, map(_LABEL, backends)))
+                iov_words[11 : 12 * n : 12] = array("Q", lengths)
+                j = n
+            else:
+                # Some dropped: pack the forwarded ones to the front, each pointing at its own slot.
+                self._compacted = True
+                j = 0
+                for i in range(n):
+                    backend = backends[i]
+                    if backend is None:
+                        continue
+                    w = j << 3  # MSG_WORDS
+                    words[w] = dests[backend.label]
+                    words[w + 2] = iov_ptrs[i]
+                    iov_words[12 * i + 11] = lengths[i]
+                    j += 1
             if j and sendmmsg(inside_fd, send_ptr, j, 0) != j:
                 self._flush(j)  # partly sent or refused: find out which, count the rest
             if n < batch:

@@ -260,3 +260,32 @@ def test_a_cut_header_never_matches_a_remembered_one() -> None:
             dp.close()
 
     run(body)
+
+
+def test_a_batch_with_drops_then_a_clean_batch_each_send_their_own_slots() -> None:
+    # A batch with a dropped datagram packs the later forwards to the front of the send array;
+    # the next batch with no drop must send slot i as message i again, not the packed layout.
+    async def body() -> None:
+        with sockets(udp(), udp()) as (b1, client):
+            vip, inside = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
+            tbl = table(vip, [b1])
+            dp = MmsgDatapath()
+            await dp.open_inside(inside, ReturnPath([tbl], own_addresses=[inside]))
+            router = Router(tbl)
+            await dp.open_vip("svc", vip, router)
+            got: list[bytes] = []
+            sent: list[bytes] = []
+            for rnd in range(6):
+                group = [short_header(cid_of(1, 100 * rnd + k), payload_len=10 + k) for k in range(5)]
+                if rnd % 2 == 0:
+                    client.sendto(b"\x00garbage", vip)  # first in the batch: every later forward shifts
+                for d in group:
+                    client.sendto(d, vip)
+                sent += group
+                await until(lambda: len(got) == len(sent) or bool(got.extend(p for p, _ in
+                            ((decapsulate_untrusted(x)[1], a) for x, a in drain(b1)))), f"round {rnd}")
+            assert sorted(got) == sorted(sent)
+            assert dp.stats().tx_to_backend[("svc", "0001")] == len(sent)
+            dp.close()
+
+    run(body)
