@@ -190,13 +190,14 @@ def test_run_with_the_vip_port_taken_is_one_line_exit_1(tmp_path: Path) -> None:
     assert_one_line_error(result, 1, f"127.0.0.1:{dep.vip()[1]}", "in use")
 
 
-def test_run_with_the_admin_port_taken_is_one_line_exit_1(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_with_the_admin_port_taken_is_one_line_exit_1(tmp_path: Path, workers: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
         dep = _deployment(tmp_path, admin=True, admin_port=port)
-        result = quiclb("run", "-c", str(dep.path))
+        result = quiclb("run", "-c", str(dep.path), "--workers", workers)
     assert_one_line_error(result, 1, str(port), "in use")
 
 
