@@ -7,11 +7,16 @@ for example ``lb.toml: service[0].cid_config[1].nonce_len: must be 4..18, got 3`
 Nothing is half-applied: callers get a complete :class:`LbConfig` or an error,
 so a failed reload keeps the running configuration (acceptance F-5).
 
-Modules: this one is the model (import everything from here);
-:mod:`lb.control.config_parser` validates a TOML document into it, with the
+Modules: this one is the model (import the configuration's names from here),
+and :func:`load_config` / :func:`parse_config`, the only entry points;
+:mod:`lb.control.config_parser` validates the document and ``[lb]`` and
+:mod:`lb.control.config_service_parser` each ``[[service]]``, with the
 primitives of :mod:`lb.control.config_reader`; :mod:`lb.control.config_digest`
-derives :attr:`LbConfig.digest` from the dataclasses' fields; files are read
-through :func:`lb.control.files.read_regular_file`.
+derives :attr:`LbConfig.digest` from the dataclasses' fields (what is in it and
+what is not is documented there); every file is read through
+:func:`lb.control.files.read_regular_file` (regular files only, size-capped).
+The parser imports this module's public names only; this module imports the
+parser inside :func:`parse_config`, because the parser builds these classes.
 
 Extensions beyond design.md §5 (all optional, keys only added, none renamed):
 top-level ``version``; in ``[lb]``: ``maglev_size``, ``health_interval``,
