@@ -40,7 +40,8 @@ def _shapes(families: Any) -> dict[str, dict[str, object]]:
 def test_families_and_labels_are_those_of_the_hand_written_exposition() -> None:
     before = json.loads(FAMILIES_FILE.read_text())["backend"]
     text = render_prometheus(_stats(), server_id="0001", service="echo")
-    assert _shapes(text_string_to_metric_families(text)) == before
+    after = _shapes(text_string_to_metric_families(text))
+    assert {name: after.get(name) for name in before} == before  # new families may appear, none may change
 
 
 async def _get(address: tuple[str, int], path: str, accept: str | None = None) -> tuple[int, dict[str, str], bytes]:
