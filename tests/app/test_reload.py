@@ -205,3 +205,33 @@ def test_sighup_before_start_through_the_app_does_not_kill_it(tmp_path: Path) ->
             await lb.stop()
 
     asyncio.run(main())
+
+
+def test_post_reload_answers_422_for_a_hostile_file_and_the_metrics_say_so(tmp_path: Path) -> None:
+    from lb.adapters.asyncio_datapath import AsyncioDatapath  # noqa: PLC0415
+    from lb.adapters.memory_network import MemoryNetwork  # noqa: PLC0415
+    from lb.app import LoadBalancer  # noqa: PLC0415
+    from quiclb_harness.admin_client import admin_request, metric_sum, scrape  # noqa: PLC0415
+    from quiclb_harness.deployment import Deployment, ServiceSpec  # noqa: PLC0415
+
+    dep = Deployment(directory=tmp_path, services=[ServiceSpec(backends=[BackendSpec("0001")])])
+    dep.write()
+
+    async def main() -> None:
+        lb = LoadBalancer(load_config(dep.path), datapath=AsyncioDatapath(MemoryNetwork().open_endpoint))
+        await lb.start()
+        try:
+            assert lb.admin_address is not None
+            dep.path.write_text("x = " + "[" * 10_000 + "]" * 10_000 + "\n")
+            loop = asyncio.get_running_loop()
+            status, body = await loop.run_in_executor(
+                None, admin_request, lb.admin_address, "POST", "/reload", dep.token
+            )
+            assert status == 422, body
+            samples = await loop.run_in_executor(None, scrape, lb.admin_address, dep.token)
+            assert metric_sum(samples, "quiclb_config_rejected_total") == 1
+            assert metric_sum(samples, "quiclb_config_last_reload_failed") == 1
+        finally:
+            await lb.stop()
+
+    asyncio.run(main())
