@@ -158,6 +158,7 @@ class GuardedProtocol(asyncio.Protocol):
     def _head_timed_out(self) -> None:
         self._timer = None
         if self.pending:
+            self._guard.head_timeouts += 1
             self.answer_and_close(HEAD_TIMEOUT_RESPONSE)
 
     def _cancel_timer(self) -> None:
@@ -186,9 +187,10 @@ class ConnectionGuard:
         self._pending_by_peer: dict[str, OrderedDict[GuardedProtocol, None]] = {}
         self._busy: set[GuardedProtocol] = set()
         self._by_transport: dict[asyncio.BaseTransport, GuardedProtocol] = {}
-        #: Connections closed to make room for newer ones, and new ones refused (monotonic).
+        #: Connections closed to make room for newer ones, new ones refused, heads late (monotonic).
         self.evicted = 0
         self.refused = 0
+        self.head_timeouts = 0
 
     def protocol_factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], GuardedProtocol]:
         """What ``loop.create_server`` calls: aiohttp's protocol behind a :class:`GuardedProtocol`."""

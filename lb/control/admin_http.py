@@ -69,7 +69,7 @@ from lb.control.admin_messages import (
     query_params,
     single_param,
 )
-from lb.control.metrics import LbCollector, encode_metrics, lb_registry
+from lb.control.metrics import AdminCounters, LbCollector, encode_metrics, lb_registry
 from lb.control.snapshot import LbSnapshot, ReloadResult
 from lb.control.status_page import HTML_CONTENT_TYPE, status_page_headers, status_page_html
 from lb.errors import LbError
@@ -152,7 +152,7 @@ class AdminServer:
         self._http: web.Server | None = None
         self._listener: asyncio.Server | None = None
         self._reload_lock = asyncio.Lock()
-        self._metrics = lb_registry(LbCollector(snapshot, admin_auth_failures=lambda: self.auth_failures))
+        self._metrics = lb_registry(LbCollector(snapshot, admin=self._admin_counters))
         #: Requests refused for a missing or wrong token, or while locked out (monotonic).
         self.auth_failures = 0
         self.routes: tuple[Route, ...] = (
@@ -168,6 +168,16 @@ class AdminServer:
         self._by_path = {r.path: r for r in self.routes}
         if len(self._by_path) != len(self.routes):
             raise ValueError("admin routes: one method per path")
+
+    def _admin_counters(self) -> AdminCounters:
+        guard = self._guard
+        return AdminCounters(
+            auth_failures=self.auth_failures,
+            connections_open=len(guard),
+            connections_evicted=guard.evicted,
+            connections_refused=guard.refused,
+            head_timeouts=guard.head_timeouts,
+        )
 
     def set_token(self, token: str | None) -> None:
         """Replace the bearer token (a reload rotates it; the old one stops working at once)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
@@ -89,6 +90,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "process_rss_bytes": (GAUGE, "Resident set size of the process."),
     "process_open_fds": (GAUGE, "Open file descriptors of the process."),
     "admin_auth_failures": (COUNTER, "Admin API requests refused for a missing or wrong token, or rate-limited."),
+    "admin_connections_open": (GAUGE, "Admin API connections open (waiting for a request, in a handler, or writing)."),
+    "admin_connections_evicted": (COUNTER, "Admin connections closed before their request arrived, for newer ones."),
+    "admin_connections_refused": (COUNTER, "Admin connections refused: every slot busy in a handler."),
+    "admin_head_timeouts": (COUNTER, "Admin connections answered 408: no whole request head within the deadline."),
 }
 
 #: The counter family of each router outcome (the outcome-sum invariant rests on this table).
@@ -209,14 +214,30 @@ def read_process_stats(proc: Path = Path("/proc/self")) -> dict[str, int]:
     return out
 
 
+@dataclass(frozen=True)
+class AdminCounters:
+    """The admin server's own counters (it is not part of the LB snapshot)."""
+
+    auth_failures: int = 0
+    connections_open: int = 0
+    connections_evicted: int = 0
+    connections_refused: int = 0
+    head_timeouts: int = 0
+
+
 def snapshot_metrics(
-    snap: LbSnapshot, *, process: bool = True, admin_auth_failures: int | None = None
+    snap: LbSnapshot,
+    *,
+    process: bool = True,
+    admin_auth_failures: int | None = None,
+    admin: AdminCounters | None = None,
 ) -> Iterator[Metric]:
     """Every family of ``snap``, as prometheus-client metric families.
 
     ``process`` adds RSS and open descriptors read from ``/proc/self`` (skipped
     where procfs is absent). ``admin_auth_failures`` comes from the admin
-    server, which does not appear in the snapshot. ``snap.extra`` counters are
+    server, which does not appear in the snapshot; so does ``admin``, all of its
+    counters. ``snap.extra`` counters are
     exposed as ``quiclb_adapter_<name>_total``.
     """
     fams = _Families()
@@ -249,6 +270,12 @@ def snapshot_metrics(
             fams.add(name, value)
     if admin_auth_failures is not None:
         fams.add("admin_auth_failures", admin_auth_failures)
+    if admin is not None:
+        fams.add("admin_auth_failures", admin.auth_failures)
+        fams.add("admin_connections_open", admin.connections_open)
+        fams.add("admin_connections_evicted", admin.connections_evicted)
+        fams.add("admin_connections_refused", admin.connections_refused)
+        fams.add("admin_head_timeouts", admin.head_timeouts)
 
     _add_extra(fams, snap.extra.items())
     return fams.metrics()
@@ -268,14 +295,17 @@ class LbCollector:
         *,
         process: bool = True,
         admin_auth_failures: Callable[[], int] | None = None,
+        admin: Callable[[], AdminCounters] | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._process = process
         self._admin_auth_failures = admin_auth_failures
+        self._admin = admin
 
     def collect(self) -> Iterator[Metric]:
         failures = self._admin_auth_failures() if self._admin_auth_failures is not None else None
-        return snapshot_metrics(self._snapshot(), process=self._process, admin_auth_failures=failures)
+        admin = self._admin() if self._admin is not None else None
+        return snapshot_metrics(self._snapshot(), process=self._process, admin_auth_failures=failures, admin=admin)
 
 
 def lb_registry(collector: LbCollector) -> CollectorRegistry:

@@ -566,6 +566,9 @@ def test_slow_client_gets_408() -> None:
             writer.close()
             await writer.wait_closed()
         assert reply.status == 408
+        metrics = await request(addr, "GET", "/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(metrics.body.decode())}
+        assert families["quiclb_admin_head_timeouts"].samples[0].value == 1
 
     serve(scenario, read_timeout=0.2)
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 from lb.control.admin_connections import MAX_PENDING_PER_PEER
 from lb.control.admin_http import AdminServer
@@ -76,6 +77,17 @@ async def healthz(addr: Addr) -> tuple[int, float]:
     return status, time.monotonic() - start
 
 
+async def scrape(addr: Addr) -> dict[str, float]:
+    """The admin server's own /metrics, as {sample name: value} for unlabelled samples."""
+    reader, writer = await asyncio.open_connection(*addr)
+    writer.write(f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+    async with asyncio.timeout(WAIT):
+        data = await reader.read()
+    writer.close()
+    body = data.partition(b"\r\n\r\n")[2].decode()
+    return {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples if not s.labels}
+
+
 async def slow_client(addr: Addr, stop: asyncio.Event, stats: dict[str, int]) -> None:
     """One byte per second of a request head that never ends; reconnects a second after being dropped."""
     head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 10_000
@@ -130,6 +142,9 @@ def test_healthz_is_answered_while_slow_connections_drip() -> None:
             await asyncio.sleep(0.1)
         stop.set()
         await asyncio.gather(*clients)
+        counters = await scrape(addr)
+        # Waiting connections made room for new ones (fast enough that few reach the 408 deadline).
+        assert counters["quiclb_admin_connections_evicted_total"] > 0
 
     serve(scenario, read_timeout=2.0)
     assert len(results) >= 20
@@ -155,6 +170,9 @@ def test_a_peers_oldest_waiting_connection_makes_room_for_a_new_one(loop: str) -
             for reader, _ in idle[3:]:
                 assert not reader.at_eof()
             assert (await healthz(addr))[0] == 200
+            metrics = await scrape(addr)
+            assert metrics["quiclb_admin_connections_evicted_total"] == 4  # three idle ones, then one for /healthz
+            assert metrics["quiclb_admin_connections_open"] >= MAX_PENDING_PER_PEER
         finally:
             for _, writer in idle:
                 writer.close()
