@@ -98,7 +98,7 @@ bench-load: $(BENCH_STAMP) bench-nginx ## the full load set: CPU/datagram + capa
 	$(PY) bench/load_bench.py --full
 
 .PHONY: bench-quick
-bench-quick: $(BENCH_STAMP) bench-nginx ## load benchmark, 100 B forward path only (< 2 min): bench/results/quick.json + .png
+bench-quick: $(BENCH_STAMP) bench-nginx ## load benchmark, 100 B forward path + 10 s RSS (< 2 min): bench/results/quick.json + .png
 	$(PY) bench/load_bench.py --quick
 
 .PHONY: bench-reference

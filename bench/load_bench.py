@@ -14,7 +14,8 @@ pass (3+4); return path (sinks answer through the LB's inside port); a mix
 with 5% Initials and 1% garbage; then added latency at 1k/s (round trip,
 direct vs through the LB) and RSS while 1M DCIDs stream through quiclb.
 ``--quick``: the 100 B forward scenario only, c-forward / nginx / quiclb,
-short steps, writes bench/results/quick.json (under 2 minutes).
+short steps, then 10 s of RSS with 1M DCIDs; writes bench/results/quick.json
+(under 2 minutes).
 
 Loopback only (127.0.0.0/8). Every load is bounded in datagrams and time;
 the run by ``--max-seconds``; every process is ours and stopped by PID.
@@ -60,6 +61,7 @@ from loadbench.tools import build_tools
 from results_file import RESULTS, run_metadata
 
 BASELINES = ["c-forward", "nginx-default", "quiclb"]
+QUICK_RSS_SECONDS = 10.0  # quick: RSS with 1M DCIDs for 10 s (full: --rss-seconds, 60 s)
 
 
 def full_plan(io_choices: list[str]) -> list[Scenario]:
@@ -128,6 +130,10 @@ def quick_summary(doc: dict[str, Any]) -> dict[str, Any]:
         if f"over_{base}_paired_median" in q:
             out[f"quiclb_cpu_over_{den}_paired"] = q[f"over_{base}_paired_median"]
     out["fixed_rate"] = sc.get("fixed_rate")
+    rss = doc.get("rss")
+    if rss:
+        out["quiclb_rss_mb_1m_cids"] = round(rss["rss_max"] / 2**20, 1)
+        out["quiclb_rss_growth_mb"] = round(rss["growth_second_half"] / 2**20, 1)
     out["ceiling_generator_bound"] = sc.get("ceiling_generator_bound")
     return out
 
@@ -166,7 +172,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, help="interleaved CPU rounds per scenario (quick 3, full 5)")
     ap.add_argument("--step-seconds", type=float, help="capacity step length (quick 1, full 2)")
     ap.add_argument("--cpu-seconds", type=float, help="CPU round step length (quick 2, full 3)")
-    ap.add_argument("--rss-seconds", type=float, default=60.0, help="length of the RSS run (full only; 0 skips)")
+    ap.add_argument("--rss-seconds", type=float, default=60.0,
+                    help="length of the RSS run (quick: at most 10 s; 0 skips)")
     ap.add_argument("--latency-count", type=int, default=3000, help="pings per target and round (0 skips)")
     ap.add_argument("--max-seconds", type=float, help="wall-clock limit (quick 110, full 1500)")
     ap.add_argument("--host", default="127.0.0.1", help="loopback IPv4 address for every socket")
@@ -248,10 +255,11 @@ def main() -> int:
             wanted = set(args.scenarios or ["latency", "rss"])
             if not quick and "latency" in wanted and args.latency_count > 0:
                 doc["latency"] = run_latency(env, args.latency_count)
-            if not quick and "rss" in wanted and args.rss_seconds > 0:
+            if "rss" in wanted and args.rss_seconds > 0:
                 # At most the rate quiclb sustained with 1M CIDs, so the RSS run is not an overload test.
                 cold = [s["fixed_rate"] for s in doc["scenarios"] if s["scenario"] == "cold-1m"]
-                doc["rss"] = run_rss(env, args.rss_seconds, min([30_000, *cold]))
+                rss_seconds = min(args.rss_seconds, QUICK_RSS_SECONDS) if quick else args.rss_seconds
+                doc["rss"] = run_rss(env, rss_seconds, min([20_000 if quick else 30_000, *cold]))
         except TimeoutError as e:
             notes.append(f"stopped early: {e}; results are partial")
     doc["notes"] = notes

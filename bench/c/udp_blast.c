@@ -2,7 +2,7 @@
  *
  *   udp_blast --target 127.0.0.1:PORT (--file DATAGRAMS | --heads HEADS --size S)
  *             --rate R --seconds S [--sockets K] [--chunk N] [--start I] [--cpu C]
- *             [--replies] [--linger SECONDS]
+ *             [--replies] [--linger SECONDS] [--count MAX_DATAGRAMS]
  *
  * Every datagram is prebuilt, so the generator does nothing per datagram but
  * point an iovec at it: that is what lets it outrun the targets it loads.
@@ -18,7 +18,8 @@
  * behind forgives the backlog instead of bursting it, so "offered" (sent /
  * seconds) is below the asked rate exactly when the generator is the limit.
  * (2 ms was too tight on a VM: late timer wakeups alone forgave 10% at 50k/s.)
- * --rate 0 sends as fast as possible (capacity probes).
+ * --rate 0 sends as fast as possible (capacity probes). Bounded by --seconds
+ * and by --count datagrams (default 10^8), whichever comes first.
  *
  * --replies: also count datagrams arriving on the sockets (a round trip
  * through the target), drained between chunks and for up to --linger seconds
@@ -87,6 +88,7 @@ int main(int argc, char **argv) {
     double rate = 0, seconds = 1, linger = 0.5;
     int chunk = 0, cpu = -1, size = 0, replies = 0;
     long long start_index = 0;
+    unsigned long long max_count = 100000000ULL; /* a bound in datagrams beside the bound in time */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--replies")) { replies = 1; continue; }
         if (i + 1 >= argc) die_msg("missing option value");
@@ -101,6 +103,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i - 1], "--chunk")) chunk = atoi(v);
         else if (!strcmp(argv[i - 1], "--start")) start_index = atoll(v);
         else if (!strcmp(argv[i - 1], "--linger")) linger = atof(v);
+        else if (!strcmp(argv[i - 1], "--count")) max_count = strtoull(v, NULL, 10);
         else if (!strcmp(argv[i - 1], "--cpu")) cpu = atoi(v);
         else die_msg("unknown option");
     }
@@ -176,7 +179,7 @@ int main(int argc, char **argv) {
     size_t next = (size_t)(start_index % (long long)count);
     int sock = 0;
     double start = now_seconds(), deadline = start + seconds, now = start, last_drain = start;
-    while ((now = now_seconds()) < deadline) {
+    while ((now = now_seconds()) < deadline && sent < max_count) {
         if (replies && now - last_drain >= DRAIN_INTERVAL_SECONDS) {
             drain_replies();
             last_drain = now;
