@@ -174,9 +174,10 @@ class LbSection:
     maglev_size: int = DEFAULT_MAGLEV_SIZE
     """Extension: prime Maglev table size, >= 100 x the backends of every service."""
     health_interval: float = 0.5
-    """Extension: seconds between health probes to each backend."""
+    """Extension: seconds between health probes to each backend, 0.05..3600."""
     health_timeout: float = 0.5
-    """Extension: seconds to wait for a probe reply."""
+    """Extension: seconds to wait for a probe reply, 0.01..60 and at most ``health_interval``
+    (absent: 0.5, or ``health_interval`` when that is shorter)."""
     health_threshold: int = 3
     """Extension: consecutive missed probes that mark a backend down; one answer marks it up again."""
     supported_versions: tuple[int, ...] = DEFAULT_SUPPORTED_VERSIONS
