@@ -124,7 +124,7 @@ class MmsgVipPort:
         self._clients: dict[bytes, Address] = {}
         self._fields: tuple[int, ...] = ()
         # The reply side: replies leave from this socket, one iovec each, names written per reply.
-        self.reply = ReplyQueue()
+        self.reply = ReplyQueue(v6)
         self.rx = 0
         self.not_sent: dict[str, int] = {}  # by backend label: refused or dropped forwards
         self.unreachable: dict[str, int] = {}

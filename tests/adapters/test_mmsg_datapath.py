@@ -289,3 +289,68 @@ def test_a_batch_with_drops_then_a_clean_batch_each_send_their_own_slots() -> No
             dp.close()
 
     run(body)
+
+
+def test_cached_replies_leave_whole_and_handshakes_in_them_are_still_checked() -> None:
+    # The test's sends happen before the loop runs again, so each group below arrives as one
+    # recvmmsg batch: the first reply warms the header cache, the next groups are all hits.
+    async def body() -> None:
+        with sockets(udp(), udp()) as (b1, client):
+            vip, inside = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
+            tbl = table(vip, [b1])
+            rp = ReturnPath([tbl], own_addresses=[inside])
+            flips: list[bool] = []
+            rp.on_stale_change = lambda service, label, stale: flips.append(stale)
+            dp = MmsgDatapath()
+            await dp.open_inside(inside, rp)
+            await dp.open_vip("svc", vip, Router(tbl))
+            header = encode_proxy_header(client.getsockname()[:2], vip)
+            b1.sendto(header + b"\x40warm", inside)
+            await until(lambda: rp.stats().tx_to_client == 1, "warm-up reply")
+            payloads = [bytes([0x40 | k % 0x3F]) + bytes([k]) * k for k in range(1, 31)]
+            for p in payloads:
+                b1.sendto(header + p, inside)
+            received: list[bytes] = []
+            await until(lambda: len(received) == 31 or bool(received.extend(d for d, _ in drain(client))), "batch")
+            assert sorted(received) == sorted([b"\x40warm", *payloads])
+            # A handshake among cached replies: its SCID is not this backend's (another key).
+            other = CidConfig(config_id=0, server_id_len=2, nonce_len=14, key=bytes(range(1, 17)))
+            scid = encode_cid(other, server_id=b"\x00\x01", nonce=bytes(14))
+            handshake = b"\xc0\x00\x00\x00\x01\x08" + bytes(8) + bytes([len(scid)]) + scid + bytes(30)
+            for p in [*payloads[:5], handshake, *payloads[5:10]]:
+                b1.sendto(header + p, inside)
+            await until(lambda: rp.stats().tx_to_client == 42, "second batch")
+            assert flips == [True]
+            assert rp.stats().stale_config == {("svc", "0001"): True}
+            s = rp.stats()
+            assert s.tx_client_bytes == sum(len(p) for p in [b"\x40warm", *payloads, *payloads[:10], handshake])
+            dp.close()
+
+    run(body)
+
+
+def test_a_batch_of_replies_for_two_vips_leaves_from_each_vip() -> None:
+    async def body() -> None:
+        with sockets(udp(), udp(), udp()) as (b1, b2, client):
+            vip_a, vip_b = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
+            inside = ("127.0.0.1", free_port())
+            ta, tb = table(vip_a, [b1], name="a"), table(vip_b, [b2], name="b")
+            rp = ReturnPath([ta, tb], own_addresses=[inside])
+            dp = MmsgDatapath()
+            await dp.open_inside(inside, rp)
+            await dp.open_vip("a", vip_a, Router(ta))
+            await dp.open_vip("b", vip_b, Router(tb))
+            me = client.getsockname()[:2]
+            b1.sendto(encode_proxy_header(me, vip_a) + b"\x40a", inside)
+            b2.sendto(encode_proxy_header(me, vip_b) + b"\x40b", inside)
+            await until(lambda: rp.stats().tx_to_client == 2, "warm-up")
+            for k in range(10):  # one batch, both VIPs, every header cached
+                b1.sendto(encode_proxy_header(me, vip_a) + b"\x40a" + bytes([k]), inside)
+                b2.sendto(encode_proxy_header(me, vip_b) + b"\x40b" + bytes([k]), inside)
+            got: list[tuple[bytes, Address]] = []
+            await until(lambda: len(got) == 22 or bool(got.extend(drain(client))), "replies")
+            for data, source in got:
+                assert source == (vip_a if data[1:2] == b"a" else vip_b), (data, source)
+            dp.close()
+
+    run(body)
