@@ -160,6 +160,7 @@ class LoadBalancer:
         """Phase 1 of a reload (may fail or await; nothing visible changes): read the new admin token,
         open probe ports and the ports of new or moved VIPs, build every table. Returns phase 2."""
         now = asyncio.get_running_loop().time()
+        HealthTracker(new.lb.health_interval, new.lb.health_timeout, new.lb.health_threshold)  # raises if invalid
         for warning in self.builder.reuse_warnings(new, now):
             log.warning("%s", warning)
         token = None
@@ -215,7 +216,7 @@ class LoadBalancer:
             datapath=self.datapath.stats(), health=health.statuses, reloads=self.reloader.stats(),
             builds=self.builder.stats(), started_at=self.started_at,
             extra={"health_probes_not_sent": health.probes_not_sent,
-                   "table_update_failures": self.updater.failures},
+                   "table_update_failures": self.updater.stats().failures},
         )
 
 

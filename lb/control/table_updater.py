@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from lb.control.config import LbConfig
 from lb.control.table_builder import TableBuilder
@@ -21,6 +22,12 @@ from lb.core.health import HealthKey
 from lb.core.service_table import ServiceTable
 
 log = logging.getLogger("quiclb")
+
+@dataclass(frozen=True)
+class TableUpdaterStats:
+    updates: int  # table sets installed after a health flip or a tombstone expiry
+    failures: int  # builds that raised (the old tables kept routing)
+
 
 Inputs = Callable[[], tuple[LbConfig, frozenset[HealthKey]]]
 Install = Callable[[Mapping[str, ServiceTable]], None]
@@ -80,6 +87,9 @@ class TableUpdater:
         if self.builder.expire(asyncio.get_running_loop().time() + 0.001):
             self.request()
         self.arm_tombstone_expiry()
+
+    def stats(self) -> TableUpdaterStats:
+        return TableUpdaterStats(self.updates, self.failures)
 
     async def close(self) -> None:
         if self._timer is not None:
