@@ -233,10 +233,12 @@ class AdminServer:
                 return self._hang_up(http_request, conn)
             try:
                 request = await self._read_request(http_request, conn)
+                response = await self._dispatch(request)
             except AdminHttpError as exc:
                 response = error_response(exc.status, exc.message)
-            else:
-                response = await self._dispatch(request)
+            except Exception:  # a bug here must not become aiohttp's own 500 page
+                logger.exception("admin: unexpected error serving %s", http_request.method)
+                response = error_response(500, "internal error; see the LB log")
             return _to_web(response)
         finally:
             if conn is not None:
@@ -313,7 +315,8 @@ class AdminServer:
         """
         header = request.headers.get("authorization")
         presented = bearer_token(header)
-        if presented is not None and hmac.compare_digest(presented.encode("latin-1"), self._token):
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: encoding back gives the bytes sent.
+        if presented is not None and hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), self._token):
             return None
         self.auth_failures += 1
         now = self._clock()

@@ -526,11 +526,13 @@ H = b"Host: 127.0.0.1\r\n"  # HTTP/1.1 requires Host (RFC 9112 §3.2): without i
         (b"GET /healthz HTTP/1.1\r\n" + H + b"X-Big: " + b"a" * (16 * MAX_REQUEST_HEAD) + b"\r\n\r\n", 431),
         (b"GET /route?" + b"&".join(b"a%d=1" % i for i in range(40)) + b" HTTP/1.1\r\n" + H + b"\r\n", 401),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64), 400),  # a TLS ClientHello
+        (b"GET /config HTTP/1.1\r\n" + H + b"Authorization: Bearer \xe6\x97\xa5\xff\r\n\r\n", 401),
     ],
     ids=[
         "no-version", "double-space", "lower-method", "no-slash", "http2", "non-ascii", "no-colon",
         "space-in-name", "negative-length", "repeated-length", "repeated-host", "no-host", "chunked",
         "large-body", "many-headers", "huge-head", "enormous-head", "many-query-fields-needs-auth-first", "tls",
+        "non-ascii-token",
     ],
 )
 def test_malformed_requests(raw: bytes, status: int | None) -> None:

@@ -37,7 +37,7 @@ Addr = tuple[str, int]
 def fuzz_request(rng: random.Random, token: str) -> tuple[bytes, float]:
     """One malformed (or occasionally valid) request, and the pause between its bytes (0: one write)."""
     valid = f"GET /backends HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-    kind = rng.randrange(10)
+    kind = rng.randrange(11)
     if kind == 0:  # binary garbage
         return rng.randbytes(rng.randrange(1, 4096)), 0.0
     if kind == 1:  # flipped, inserted and deleted bytes in a valid request
@@ -69,6 +69,9 @@ def fuzz_request(rng: random.Random, token: str) -> tuple[bytes, float]:
                 b"0\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), 0.0
     if kind == 7:  # a slow head
         return b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: a\r\n" * 4, 0.3
+    if kind == 9:  # arbitrary bytes where the token goes
+        junk = rng.randbytes(rng.randrange(1, 64)).replace(b"\r", b"").replace(b"\n", b"")
+        return b"GET /config HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + junk + b"\r\n\r\n", 0.0
     if kind == 8:  # a slow body
         return (f"POST /reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
                 "Content-Length: 40\r\n\r\n").encode() + b"y" * 40, 0.25
