@@ -282,8 +282,12 @@ def test_a_batch_with_drops_then_a_clean_batch_each_send_their_own_slots() -> No
                 for d in group:
                     client.sendto(d, vip)
                 sent += group
-                await until(lambda: len(got) == len(sent) or bool(got.extend(p for p, _ in
-                            ((decapsulate_untrusted(x)[1], a) for x, a in drain(b1)))), f"round {rnd}")
+
+                def arrived(want: int = len(sent)) -> bool:
+                    got.extend(decapsulate_untrusted(x)[1] for x, _ in drain(b1))
+                    return len(got) == want
+
+                await until(arrived, f"round {rnd}")
             assert sorted(got) == sorted(sent)
             assert dp.stats().tx_to_backend[("svc", "0001")] == len(sent)
             dp.close()

@@ -131,7 +131,7 @@ def test_kill_9_and_restart_loses_no_route(udp_cluster: UdpCluster) -> None:
 def test_two_instances_in_one_reuseport_group_route_identically(udp_cluster: UdpCluster) -> None:
     cluster = udp_cluster
     lb_a = cluster.start_lb(env={"PYTHONHASHSEED": "1"})
-    lb_b = cluster.start_lb(env={"PYTHONHASHSEED": "2"})
+    lb_b = cluster.start_lb("--reuse-port", env={"PYTHONHASHSEED": "2"})  # joins the group on purpose
     vip = cluster.dep.vip()
     socks = [client_socket() for _ in range(64)]  # many source ports: the kernel spreads them over both
     for s in socks:

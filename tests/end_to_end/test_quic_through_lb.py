@@ -75,8 +75,8 @@ def running_cluster(directory: Path, *, host: str = "127.0.0.1", lb_envs: tuple[
     cluster = QuicCluster(directory, host=host)
     try:
         cluster.start(lbs=0)
-        for env in lb_envs:
-            cluster.start_lb(env=env or None)
+        for k, env in enumerate(lb_envs):  # the second and later instances join the group on purpose
+            cluster.start_lb(*(("--reuse-port",) if k else ()), env=env or None)
         yield cluster
     finally:
         cluster.close()
@@ -474,7 +474,7 @@ def test_r11_reuseport_group_kill_and_overlapping_start_lose_no_connection(tmp_p
             for n in range(2):  # two full rounds on the survivor alone
                 await wait_all_answered_after(work, loop.time(), f"round {n} after the kill")
             # Overlapping start: a new instance joins the group while lb_b still serves.
-            lb_c = await asyncio.to_thread(cluster.start_lb, env={"PYTHONHASHSEED": "3"})
+            lb_c = await asyncio.to_thread(cluster.start_lb, "--reuse-port", env={"PYTHONHASHSEED": "3"})
             joined = loop.time()
             await wait_all_answered_after(work, joined, "a round with the new instance in the group")
             per_instance.append(await rx(lb_c))
