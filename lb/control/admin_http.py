@@ -169,6 +169,11 @@ class AdminServer:
         if len(self._by_path) != len(self.routes):
             raise ValueError("admin routes: one method per path")
 
+    @property
+    def open_connections(self) -> int:
+        """Connections open now: waiting for their request, in a handler, or writing the response."""
+        return len(self._guard)
+
     def _admin_counters(self) -> AdminCounters:
         guard = self._guard
         return AdminCounters(

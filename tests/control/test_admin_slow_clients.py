@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -12,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lb.control.admin_connections import MAX_PENDING_PER_PEER
 from lb.control.admin_http import AdminServer
-from lb.control.snapshot import LbSnapshot, ReloadResult
+from lb.control.snapshot import BackendView, LbSnapshot, ReloadResult
 from lb.core.return_path import ReturnStats
 
 TOKEN = "slow-client-test-token-0123456789"
@@ -24,12 +25,24 @@ HEALTHZ_BOUND = 1.0
 Addr = tuple[str, int]
 
 
-def _snapshot() -> LbSnapshot:
+def _backend(i: int) -> BackendView:
+    return BackendView(
+        service="echo", server_id=f"{i:04x}", address=f"127.0.0.1:{1024 + i % 60000}", state="active",
+        healthy=True, in_fallback=True, tx_datagrams=i, unreachable=0, probes=i, probe_replies=i,
+        last_probe_rtt=0.001,
+    )
+
+
+#: Enough backends that /backends is megabytes: more than socket buffers hold for a client that never reads.
+MANY_BACKENDS = tuple(_backend(i) for i in range(20_000))
+
+
+def _snapshot(backends: tuple[BackendView, ...] = ()) -> LbSnapshot:
     return LbSnapshot(
         routers=(),
         return_path=ReturnStats(rx_backend_datagrams=0, tx_to_client=0, tx_client_bytes=0, rejected={}),
         services=(),
-        backends=(),
+        backends=backends,
         config_path="lb.toml",
         config_version=1,
         config_digest="d",
@@ -46,8 +59,13 @@ async def _reload() -> ReloadResult:
     return ReloadResult(ok=True, message="", config_version=1, config_digest="d")
 
 
-def serve(scenario: Callable[[AdminServer, Addr], Awaitable[None]], loop: str = "asyncio", **kwargs: float) -> None:
-    server = AdminServer(snapshot=_snapshot, reload=_reload, route=lambda s, d: {}, token=TOKEN, **kwargs)
+def serve(
+    scenario: Callable[[AdminServer, Addr], Awaitable[None]],
+    loop: str = "asyncio",
+    snapshot: Callable[[], LbSnapshot] = _snapshot,
+    **kwargs: float,
+) -> None:
+    server = AdminServer(snapshot=snapshot, reload=_reload, route=lambda s, d: {}, token=TOKEN, **kwargs)
 
     async def main() -> None:
         addr = await server.start("127.0.0.1", 0)
@@ -202,3 +220,32 @@ def test_a_client_dripping_its_body_gets_408_at_the_read_deadline(loop: str) -> 
         writer.close()
 
     serve(scenario, loop, read_timeout=0.5)
+
+
+def test_a_client_that_never_reads_its_response_is_cut_off_after_the_write_timeout() -> None:
+    async def scenario(server: AdminServer, addr: Addr) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, addr)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(f"GET /backends HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        await writer.drain()
+        # Do not read. The server must give up on this connection on its own.
+        async with asyncio.timeout(WAIT):
+            while server.open_connections:
+                await asyncio.sleep(0.05)
+        received = b""
+        try:
+            async with asyncio.timeout(WAIT):
+                while chunk := await reader.read(1 << 20):
+                    received += chunk
+        except ConnectionResetError:
+            pass
+        head, _, body = received.partition(b"\r\n\r\n")
+        fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+        length = int(fields[b"content-length"])
+        assert len(body) < length  # cut off, not delivered late
+        writer.close()
+
+    serve(scenario, snapshot=lambda: _snapshot(MANY_BACKENDS), write_timeout=0.5)
