@@ -17,7 +17,7 @@ Same decisions and counters as :meth:`Router.route` on each datagram in order
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 
@@ -38,7 +38,7 @@ class BatchRouting:
     """The batch half of :class:`lb.core.router.Router`; the state and the outcome helpers live there."""
 
     table: ServiceTable
-    _cache: dict[bytes, CidRoute]
+    _cache: OrderedDict[bytes, CidRoute]
     _cache_size: int
     _routes: dict[tuple[int, bytes], CidRoute]
     _hits: Counter[CidRoute]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Generic, TypeVar
@@ -144,7 +145,9 @@ class _BoundedCache(Generic[_K, _V]):
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self._max_entries = max_entries
-        self._data: dict[_K, _V] = {}
+        # OrderedDict.popitem(last=False) is O(1); deleting a plain dict's first key is not
+        # (later iterations walk over the holes it leaves).
+        self._data: OrderedDict[_K, _V] = OrderedDict()
 
     def get(self, key: _K) -> _V | None:
         return self._data.get(key)
@@ -152,7 +155,7 @@ class _BoundedCache(Generic[_K, _V]):
     def put(self, key: _K, value: _V) -> None:
         data = self._data
         if len(data) >= self._max_entries:
-            del data[next(iter(data))]
+            data.popitem(last=False)
         data[key] = value
 
     def __len__(self) -> int:
