@@ -24,13 +24,14 @@ from lb.adapters.asyncio_datapath import AsyncioDatapath, socket_opener
 from lb.adapters.datapath import Datapath, VipPort
 from lb.adapters.health_checker import HealthChecker, ProbeTarget
 from lb.adapters.mmsg import mmsg_available
+from lb.adapters.service_ports import ServicePorts
 from lb.control.config import LbConfig
 from lb.control.reload import ConfigReloader
 from lb.control.ring_worker import ring_executor
 from lb.control.snapshot import LbSnapshot, ReloadResult, gather_snapshot, route_info
 from lb.control.table_builder import TableBuilder, same_routing
 from lb.control.table_updater import TableUpdater
-from lb.core.addresses import Address, format_address, normalize_address
+from lb.core.addresses import Address, format_address
 from lb.core.health import HealthKey, HealthTracker
 from lb.core.return_path import ReturnPath
 from lb.core.router import Router
@@ -76,9 +77,7 @@ class LoadBalancer:
         self.updater = TableUpdater(self.builder, inputs=lambda: (self.config, self.health.unhealthy()),
                                     install=self._install)
         self.reloader = ConfigReloader(config, self, lock=self.updater.lock)
-        self.routers: dict[str, Router] = {}
-        self.services: dict[str, VipPort] = {}
-        self.retired_routers: list[Router] = []  # counters of removed services stay visible
+        self.vips = ServicePorts(self.datapath)
         self.admin: AdminServer | None = None
         self.admin_address: Address | None = None
         self.started_at = time.time()
@@ -87,6 +86,14 @@ class LoadBalancer:
     @property
     def config(self) -> LbConfig:
         return self.reloader.config
+
+    @property
+    def routers(self) -> Mapping[str, Router]:
+        return self.vips.routers
+
+    @property
+    def services(self) -> Mapping[str, VipPort]:
+        return self.vips.ports
 
     # -- start / stop ---------------------------------------------------------
 
@@ -99,9 +106,7 @@ class LoadBalancer:
             tables = await self.builder.build_async(cfg, self.health.unhealthy(), loop.time())
             await self.datapath.open_inside(cfg.lb.inside, self.return_path)
             await self.health.open_probe_ports(s.vip for s in cfg.services)
-            for svc in cfg.services:
-                self.routers[svc.name] = Router(tables[svc.name])
-                self.services[svc.name] = await self.datapath.open_vip(svc.name, svc.vip, self.routers[svc.name])
+            await self.vips.open(((s.name, s.vip) for s in cfg.services), tables)
             self._install(tables)
         if cfg.lb.admin is not None and self.admin_enabled:
             await self._start_admin(cfg)
@@ -171,31 +176,13 @@ class LoadBalancer:
         await self.health.open_probe_ports(s.vip for s in new.services)
         stones = self.builder.after_reload(old, new, now)
         tables = await self.builder.build_async(new, self.health.unhealthy(), now, stones)
-        opened: dict[str, tuple[Router, VipPort]] = {}
-        try:
-            for svc in new.services:
-                port = self.services.get(svc.name)
-                if port is not None and port.vip == normalize_address(svc.vip):
-                    continue
-                # A moved VIP keeps its router, and so its counters (they never reset on reload).
-                router = self.routers.get(svc.name) or Router(tables[svc.name])
-                opened[svc.name] = (router, await self.datapath.open_vip(svc.name, svc.vip, router))
-        except BaseException:
-            for _, port in opened.values():
-                port.close()
-            raise
+        commit_ports = await self.vips.prepare(((s.name, s.vip) for s in new.services), tables)
 
         def commit() -> None:  # synchronous: no datagram or health callback interleaves
             self.health.set_targets(probe_targets(new), new.lb.health_interval, new.lb.health_timeout,
                                     new.lb.health_threshold)
             self.builder.set_tombstones(stones)
-            for name in [n for n in self.services if n not in tables or n in opened]:
-                self.services.pop(name).close()
-                router = self.routers.pop(name)
-                if name not in tables:
-                    self.retired_routers.append(router)
-            for name, (router, port) in opened.items():
-                self.routers[name], self.services[name] = router, port
+            commit_ports()
             self._install(tables)
             if token is not None:
                 assert self.admin is not None
@@ -207,12 +194,12 @@ class LoadBalancer:
     # -- observation ----------------------------------------------------------
 
     def route_info(self, service: str | None, dcid: bytes) -> dict[str, object]:
-        return route_info({name: r.table for name, r in self.routers.items()}, service, dcid)
+        return route_info(self.vips.tables(), service, dcid)
 
     def snapshot(self) -> LbSnapshot:
         health = self.health.stats()
         return gather_snapshot(
-            self.config, self.routers, self.retired_routers, returns=self.return_path.stats(),
+            self.config, self.vips.tables(), self.vips.stats(), returns=self.return_path.stats(),
             datapath=self.datapath.stats(), health=health.statuses, reloads=self.reloader.stats(),
             builds=self.builder.stats(), started_at=self.started_at,
             extra={"health_probes_not_sent": health.probes_not_sent,

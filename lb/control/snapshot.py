@@ -11,7 +11,7 @@ process: reloads never reset them.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,6 @@ from lb.core.addresses import format_address
 from lb.core.health import HealthKey, HealthStatus
 from lb.core.outcomes import RouterStats
 from lb.core.return_path import ReturnStats
-from lb.core.router import Router
 from lb.core.service_table import ServiceTable
 
 if TYPE_CHECKING:  # types only: control never imports the adapters at run time
@@ -158,8 +157,8 @@ def route_info(tables: Mapping[str, ServiceTable], service: str | None, dcid: by
 
 def gather_snapshot(
     config: LbConfig,
-    routers: Mapping[str, Router],
-    retired_routers: Iterable[Router],
+    tables: Mapping[str, ServiceTable],
+    routers: tuple[RouterStats, ...],
     *,
     returns: ReturnStats,
     datapath: DatapathStats,
@@ -170,12 +169,11 @@ def gather_snapshot(
     extra: Mapping[str, int],
 ) -> LbSnapshot:
     """One :class:`LbSnapshot` from every component's own ``stats()``."""
-    tables = {name: r.table for name, r in routers.items()}
     adapter = {"tx_to_client_errors": datapath.tx_to_client_errors, **extra}
     adapter.update({f"drop_{reason}": n for reason, n in datapath.drops.items()})
     adapter.update({f"socket_errors_{role}": n for role, n in datapath.socket_errors.items()})
     return LbSnapshot(
-        routers=tuple(r.stats() for r in [*routers.values(), *retired_routers]),
+        routers=routers,
         return_path=returns,
         services=service_views(config, tables),
         backends=backend_views(config, tables, health, datapath, returns),
