@@ -364,7 +364,8 @@ class AdminServer:
         return Response(200, body, content_type)
 
     async def _get_backends(self, request: Request) -> Response:
-        return json_response(200, [dataclasses.asdict(b) for b in self._snapshot().backends])
+        views = self._snapshot().backends  # frozen views: safe to encode in a worker thread, as /metrics
+        return await asyncio.to_thread(lambda: json_response(200, [dataclasses.asdict(b) for b in views]))
 
     async def _get_services(self, request: Request) -> Response:
         return json_response(200, [dataclasses.asdict(s) for s in self._snapshot().services])
