@@ -45,9 +45,6 @@ BACKENDS_MAY_IMPORT = frozenset({
 
 #: Known exceptions, each with its reason; remove an entry when its import goes.
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # Type-only (TYPE_CHECKING): the snapshot names the datapath's stats type. The type
-    # belongs on the control or core side (or behind a Protocol); reported to the lead.
-    ("lb.control.snapshot", "lb.adapters.datapath"): "type-only; DatapathStats lives in lb.adapters",
     # The backend reads the deployment's one TOML file (design §5) with the LB's parser,
     # so both sides validate it identically. A shared config reader outside lb.control
     # would lift this; until then it is the one non-wire dependency.

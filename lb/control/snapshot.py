@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from lb.control.config import BackendState, LbConfig
 from lb.core.addresses import format_address
@@ -22,10 +22,27 @@ from lb.core.outcomes import RouterStats
 from lb.core.return_path import ReturnStats
 from lb.core.service_table import ServiceTable
 
-if TYPE_CHECKING:  # types only: control never imports the adapters at run time
-    from lb.adapters.datapath import DatapathStats
+if TYPE_CHECKING:
     from lb.control.reload import ReloadStats
     from lb.control.table_builder import TableBuilderStats
+
+
+class DatapathCounters(Protocol):
+    """What the views read of a datapath's stats (``lb.adapters.datapath.DatapathStats`` has this shape;
+    named structurally so that control does not import the adapters)."""
+
+    @property
+    def rx_client_datagrams(self) -> int: ...
+    @property
+    def tx_to_backend(self) -> Mapping[tuple[str, str], int]: ...
+    @property
+    def backend_unreachable(self) -> Mapping[tuple[str, str], int]: ...
+    @property
+    def tx_to_client_errors(self) -> int: ...
+    @property
+    def drops(self) -> Mapping[str, int]: ...
+    @property
+    def socket_errors(self) -> Mapping[str, int]: ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,7 @@ class LbSnapshot:
     pid: int
     extra: Mapping[str, int] = field(default_factory=dict)  # adapter-level counters (e.g. send errors)
     #: The datapath's own counters (receive totals, sends, drops); None in snapshots built by hand.
-    datapath: DatapathStats | None = None
+    datapath: DatapathCounters | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,7 @@ def backend_views(
     config: LbConfig,
     tables: Mapping[str, ServiceTable],
     health: Mapping[HealthKey, HealthStatus],
-    datapath: DatapathStats,
+    datapath: DatapathCounters,
     returns: ReturnStats,
 ) -> tuple[BackendView, ...]:
     """Configured backends, then the tombstoned (recently removed) ones, per service."""
@@ -161,7 +178,7 @@ def gather_snapshot(
     routers: tuple[RouterStats, ...],
     *,
     returns: ReturnStats,
-    datapath: DatapathStats,
+    datapath: DatapathCounters,
     health: Mapping[HealthKey, HealthStatus],
     reloads: ReloadStats,
     builds: TableBuilderStats,
