@@ -3,12 +3,13 @@
 Same decisions and counters as :meth:`Router.route` on each datagram in order
 (tests/core/test_router_batch.py holds them equal for any mix), in three steps:
 
-1. **All cache hits** (the steady state of a busy LB): when every datagram of
-   the batch is a short header whose DCID is in the decode cache, the whole
-   batch is routed by a handful of C-level calls — the first and second octets
-   gathered by strided slices, the DCIDs by ``map`` over precomputed slices,
-   the routes by ``map(cache.get, ...)``, the hits counted by one
-   ``Counter.update`` — and no Python bytecode runs per datagram.
+1. **Short headers only** (the steady state of a busy LB): when every datagram
+   of the batch is a short header long enough for its DCID, the batch's DCIDs
+   and cache lookups are a handful of C-level calls — first and second octets
+   gathered by strided slices, DCIDs by ``map`` over precomputed slices, routes
+   by ``map(cache.get, ...)``, hits counted by one ``Counter.update``. When
+   all hit, no Python bytecode runs per datagram; misses of one configuration
+   (a cold cache) go straight to step 3.
 2. Otherwise, one pass in Python over the batch: cheap rejects, cache hits,
    and the misses collected by DCID.
 3. Every miss of the batch decoded together, one decoder call (one AES call
@@ -87,9 +88,9 @@ class BatchRouting:
             raw = buf
         n = len(lengths)
         if n > 1 and stride:
-            hits = self._route_all_hits(buf, stride, lengths, raw, n)
-            if hits is not None:
-                return hits
+            batch = self._route_short_headers(buf, stride, lengths, raw, n, client_at=client_at)
+            if batch is not None:
+                return batch
         self._rx += n
         table = self.table
         by_config = table.decoder.by_config_id
@@ -133,18 +134,28 @@ class BatchRouting:
             self._resolve_misses(misses, long_reasons, out, client_at)
         return out
 
-    def _route_all_hits(
-        self, buf: bytes | memoryview, stride: int, lengths: Sequence[int], raw: ByteSlicer, n: int
+    def _route_short_headers(
+        self,
+        buf: bytes | memoryview,
+        stride: int,
+        lengths: Sequence[int],
+        raw: ByteSlicer,
+        n: int,
+        *,
+        client_at: Callable[[int], Address],
     ) -> list[RouteDecision] | None:
-        """Step 1 of the module header: the batch's decisions if every datagram is a cached short header."""
+        """Step 1 of the module header, for batches of short headers only; None leaves the batch to step 2.
+
+        All hits: no Python per datagram. Some misses, all of one configuration (a cold
+        cache): only the misses are looked at one by one, then decoded together (step 3).
+        """
         end = n * stride
         firsts = buf[0:end:stride]
         if min(firsts) < 0x40 or max(firsts) > 0x7F:  # not all short headers with the fixed bit
             return None
-        # The DCID length of the first live configuration named: a datagram of another
-        # configuration is cut at a length no cached DCID of its own configuration has, and
-        # misses (cache keys carry their config bits, so a miss is all a wrong cut can do).
-        dec = self.table.decoder.by_config_id[min(buf[1:end:stride]) >> 5]
+        seconds = buf[1:end:stride]
+        config_id = min(seconds) >> 5
+        dec = self.table.decoder.by_config_id[config_id]
         if dec is None or min(lengths) <= dec.cid_len:  # a DCID cut short would read a stale slot
             return None
         slices = self._dcid_slices.get((stride, dec.cid_len))
@@ -152,12 +163,29 @@ class BatchRouting:
             slices = self._dcid_slices[(stride, dec.cid_len)] = [
                 slice(i * stride + 1, i * stride + 1 + dec.cid_len) for i in range(max(n, 64))
             ]
-        routes = list(map(self._cache.get, map(raw.__getitem__, slices[:n])))
-        if None in routes:  # a miss: step 2 decodes it with the others
+        dcids = list(map(raw.__getitem__, slices[:n]))
+        routes = list(map(self._cache.get, dcids))
+        if None not in routes:
+            # A datagram of another configuration was cut at this one's DCID length, which no
+            # cached DCID of its own configuration has (cache keys carry their config bits):
+            # it cannot hit, so an all-hits batch needs no check of the config bits.
+            self._rx += n
+            self._hits.update(routes)  # type: ignore[arg-type]  # no None: checked above
+            return list(map(_DECISION, routes))
+        if max(seconds) >> 5 != config_id:  # misses of several configurations: step 2 sorts them
             return None
         self._rx += n
-        self._hits.update(routes)  # type: ignore[arg-type]  # no None: checked above
-        return list(map(_DECISION, routes))
+        self._hits.update(filter(None, routes))
+        out = [_PENDING if route is None else route.decision for route in routes]
+        misses: dict[bytes, tuple[ConfigDecoder, list[int]]] = {}
+        for i in [i for i, route in enumerate(routes) if route is None]:
+            miss = misses.get(dcids[i])
+            if miss is None:
+                misses[dcids[i]] = (dec, [i])
+            else:
+                miss[1].append(i)
+        self._resolve_misses(misses, {}, out, client_at)
+        return out
 
     def _route_long(
         self,

@@ -254,3 +254,37 @@ def test_batches_of_cached_datagrams_route_together_and_impostors_are_not_fooled
         items.insert(rng.randrange(len(items) + 1), impostor)
         route_both(items)
         assert batch.stats().outcomes == scalar.stats().outcomes, name
+
+
+@pytest.mark.parametrize("kind", list(TABLES))
+def test_cold_batches_of_short_headers_equal_scalar(kind: str) -> None:
+    # A cold cache (1M DCIDs in the benchmark): batches of short headers that mostly miss, of one
+    # configuration or of several, with repeats inside a batch and unknown server IDs among them.
+    tbl = TABLES[kind]
+    rng = random.Random(f"cold {kind}")
+    cids = cids_of(tbl, 4)
+    by_config: dict[int, list[bytes]] = {}
+    for c in cids:
+        by_config.setdefault(c[0] >> 5, []).append(c)
+    batches = []
+    for _ in range(30):
+        pool = rng.choice([cids, *by_config.values()])  # mixed configurations, or one
+        fresh = [encode_cid(cfg, server_id=sid(rng.choice((1, 2, 3, 4, 5, 6)), cfg), nonce=rng.randbytes(cfg.nonce_len))
+                 for cfg in tbl.cid_configs if cfg.config_id == pool[0][0] >> 5 or pool is cids]
+        size = rng.randrange(2, 40)
+        batch = [short_header(rng.choice(pool + fresh), payload_len=rng.randrange(0, 20)) for _ in range(size)]
+        batches.append(batch)
+    datagrams = [d for b in batches for d in b]
+    clients = [("198.51.100.7", 1000 + i) for i in range(len(datagrams))]
+    for cache_size in (65536, 8):
+        scalar, batch_router = Router(tbl, cache_size=cache_size), Router(tbl, cache_size=cache_size)
+        expected = [scalar.route(d, c) for d, c in zip(datagrams, clients, strict=True)]
+        got: list[object] = []
+        start = 0
+        for b in batches:
+            buf, stride, lengths = slots(b)
+            got += batch_router.route_batch(buf, stride, lengths, lambda i, s=start: clients[s + i])  # type: ignore[misc]
+            start += len(b)
+        assert got == expected
+        cipher = scalar.stats().cache_evictions == 0
+        assert comparable(batch_router.stats(), with_cipher=cipher) == comparable(scalar.stats(), with_cipher=cipher)
