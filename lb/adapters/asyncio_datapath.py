@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Protocol, cast
 
 from lb.adapters.datapath import DatagramHandler, DatapathStats, ProbePort, VipPort
@@ -48,9 +48,6 @@ class Endpoint(Protocol):
 
     def sendto(self, data: bytes, address: Address) -> None:
         """Send one datagram; raises ``OSError``/``ValueError`` when it is refused."""
-
-    def drops(self) -> Mapping[str, int]:
-        """Datagrams the endpoint itself dropped (e.g. truncated on receive), by reason."""
 
     def close(self) -> None: ...
 
@@ -91,11 +88,6 @@ class _SocketEndpoint(asyncio.DatagramProtocol):
         exc, self._send_error = self._send_error, None
         if exc is not None:
             raise exc
-
-    def drops(self) -> Mapping[str, int]:
-        # asyncio reads up to 256 KiB and uvloop 64 KiB per datagram: above any UDP payload,
-        # so these endpoints never cut one.
-        return {}
 
     def close(self) -> None:
         if self.transport is not None:
@@ -166,8 +158,6 @@ class AsyncioDatapath:
         self._tx_to_client = 0
         self._tx_to_client_errors = 0
         self._socket_errors: dict[str, int] = {}
-        self._closed_drops: dict[str, int] = {}  # drops of ports already closed (monotonic counters)
-        self._closed_rx_client_drops = 0
 
     # -- opening --------------------------------------------------------------
 
@@ -192,10 +182,6 @@ class AsyncioDatapath:
     def _forget(self, port: _Port) -> None:
         if port in self._ports:
             self._ports.remove(port)
-            for reason, n in port.endpoint.drops().items():
-                self._closed_drops[reason] = self._closed_drops.get(reason, 0) + n
-                if port._router is not None:
-                    self._closed_rx_client_drops += n
         if self._vip_ports.get(port.vip) is port:
             del self._vip_ports[port.vip]
             # A reload may have opened a second port on this VIP (a reuse-port group): it takes over.
@@ -260,24 +246,15 @@ class AsyncioDatapath:
     # -- observation and shutdown ---------------------------------------------
 
     def stats(self) -> DatapathStats:
-        drops = dict(self._closed_drops)
-        rx_client_drops = self._closed_rx_client_drops
-        for port in self._ports:
-            for reason, n in port.endpoint.drops().items():
-                drops[reason] = drops.get(reason, 0) + n
-                if port._router is not None:
-                    rx_client_drops += n
-        inside_drops = self._inside.drops() if self._inside is not None else {}
-        for reason, n in inside_drops.items():
-            drops[reason] = drops.get(reason, 0) + n
+        # No adapter drops here: asyncio reads up to 256 KiB and uvloop 64 KiB per datagram, more
+        # than any UDP payload, so every datagram received reaches the router or the return path.
         return DatapathStats(
-            rx_client_datagrams=self._rx_client + rx_client_drops,
-            rx_backend_datagrams=self._rx_backend + sum(inside_drops.values()),
+            rx_client_datagrams=self._rx_client,
+            rx_backend_datagrams=self._rx_backend,
             tx_to_backend=dict(self._tx_to_backend),
             backend_unreachable=dict(self._backend_unreachable),
             tx_to_client=self._tx_to_client,
             tx_to_client_errors=self._tx_to_client_errors,
-            drops=drops,
             socket_errors=dict(self._socket_errors),
         )
 

@@ -68,9 +68,6 @@ class MemoryEndpoint:
             raise OSError(errno.EMSGSIZE, "Message too long")
         self.network.send(Packet(self.address, normalize_address(address), bytes(data)))
 
-    def drops(self) -> dict[str, int]:
-        return {}
-
     def close(self) -> None:
         if not self.closed:
             self.closed = True
