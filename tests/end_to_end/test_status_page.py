@@ -2,8 +2,9 @@
 
 The test looks at what a person sees — the visible text of the page — after
 typing the admin token: the backends listed and healthy, then one of them
-turning unhealthy when it is killed. Screenshots of both moments are kept in
-``tests/artifacts/`` (or ``$QUICLB_TEST_ARTIFACTS``).
+turning unhealthy when it is killed, then a reload listed and a rejected one
+flagged. Screenshots of those moments are kept in ``tests/artifacts/`` (or
+``$QUICLB_TEST_ARTIFACTS``).
 
 Chromium is driven over the DevTools protocol with aiohttp's websocket client:
 no driver binary, no npm.
@@ -27,6 +28,7 @@ import aiohttp
 import pytest
 
 from lb import CidConfig, encode_cid
+from quiclb_harness.admin_client import admin_request
 from quiclb_harness.datagrams import short_header
 
 from .conftest import make_udp_cluster
@@ -129,12 +131,13 @@ def test_status_page_shows_backends_and_one_turning_unhealthy(tmp_path: Path) ->
                 client.sendto(short_header(encode_cid(cfg, bytes.fromhex(sid), os.urandom(14))), cluster.dep.vip())
         for backend in cluster.backends.values():
             backend.wait_for(1)
-        asyncio.run(drive_page(f"http://{host}:{port}/?refresh=300", cluster.dep.token, cluster, tmp_path))
+        url = f"http://{host}:{port}/?refresh=300"
+        asyncio.run(drive_page(url, cluster.dep.token, cluster, tmp_path, (host, port)))
     finally:
         cluster.close()
 
 
-async def drive_page(url: str, token: str, cluster: Any, tmp_path: Path) -> None:
+async def drive_page(url: str, token: str, cluster: Any, tmp_path: Path, admin: tuple[str, int]) -> None:
     browser = Browser(tmp_path / "chromium-profile")
     try:
         await browser.connect()
@@ -170,5 +173,16 @@ async def drive_page(url: str, token: str, cluster: Any, tmp_path: Path) -> None
         assert "DOWN" in rows[victim]
         assert all("unhealthy" not in row for sid, row in rows.items() if sid != victim)
         await browser.screenshot(ARTIFACTS / "status-page-backend-down.png")
+
+        # Reloads: an applied one is listed with its version, a rejected one raises a banner.
+        cluster.dep.version = 2
+        cluster.dep.write()
+        assert (await asyncio.to_thread(admin_request, admin, "POST", "/reload", token))[0] == 200
+        await browser.wait_for_text("#reloads", lambda t: "applied: v2" in t, "the applied reload")
+        cluster.dep.path.write_text("[lb\n")  # not TOML
+        assert (await asyncio.to_thread(admin_request, admin, "POST", "/reload", token))[0] == 422
+        banner = await browser.wait_for_text("#alerts", lambda t: "reload rejected" in t, "the rejected reload")
+        assert "lb.toml" in banner
+        await browser.screenshot(ARTIFACTS / "status-page-reload-rejected.png")
     finally:
         await browser.close()
