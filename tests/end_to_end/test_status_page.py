@@ -28,6 +28,9 @@ import aiohttp
 import pytest
 
 from lb import CidConfig, encode_cid
+from lb.control.admin_http import AdminServer
+from lb.control.snapshot import BackendView, LbSnapshot, ReloadResult, ServiceView
+from lb.core.return_path import ReturnStats
 from quiclb_harness.admin_client import admin_request
 from quiclb_harness.datagrams import short_header
 
@@ -186,3 +189,51 @@ async def drive_page(url: str, token: str, cluster: Any, tmp_path: Path, admin: 
         await browser.screenshot(ARTIFACTS / "status-page-reload-rejected.png")
     finally:
         await browser.close()
+
+
+def _alarming_snapshot() -> LbSnapshot:
+    """A backend minting CIDs the LB cannot decode, a plaintext service, a rejected reload."""
+    stale = BackendView(
+        service="web", server_id="00000000000000a1", address="10.0.0.7:5001", state="active", healthy=True,
+        in_fallback=True, tx_datagrams=12, unreachable=0, probes=4, probe_replies=4, last_probe_rtt=0.0002,
+        stale_cid_replies=5, stale_config=True,
+    )
+    return LbSnapshot(
+        routers=(), return_path=ReturnStats(rx_backend_datagrams=0, tx_to_client=0, tx_client_bytes=0, rejected={}),
+        services=(ServiceView("web", "192.0.2.1:443", (0,), linkable=True, fallback_backends=1),),
+        backends=(stale,), config_path="/etc/quiclb/lb.toml", config_version=3, config_digest="ab" * 32,
+        config_reloads=2, config_rejected=1, last_reload_error="lb.toml: service[0].vip: bad address",
+        fallback_table_builds=1, started_at=1_700_000_000.0, pid=1,
+    )
+
+
+def test_status_page_raises_the_alarms(tmp_path: Path) -> None:
+    """stale_config_alert, a linkable service and a rejected reload are banners a person cannot miss."""
+    token = "status-page-alarm-token-0123456789"
+
+    async def reload() -> ReloadResult:
+        return ReloadResult(ok=True, message="", config_version=3, config_digest="ab" * 32)
+
+    async def scenario() -> None:
+        server = AdminServer(snapshot=_alarming_snapshot, reload=reload, route=lambda s, d: {}, token=token)
+        host, port = await server.start("127.0.0.1", 0)
+        browser = Browser(tmp_path / "chromium-profile")
+        try:
+            await browser.connect()
+            await browser.send("Page.navigate", url=f"http://{host}:{port}/?refresh=300")
+            await browser.wait_for_text("body", lambda t: "Admin token" in t, "the token prompt")
+            await browser.evaluate("document.querySelector('#token').focus()")
+            await browser.send("Input.insertText", text=token)
+            await browser.evaluate("document.querySelector('#connect').click()")
+            alerts = await browser.wait_for_text("#alerts", lambda t: "stale_config_alert" in t, "the stale alert")
+            assert "web/00000000000000a1" in alerts
+            assert "last reload rejected: lb.toml: service[0].vip: bad address" in alerts
+            assert "plaintext CID configuration is live" in alerts
+            row = backend_rows(await browser.wait_for_text("#backends", lambda t: "STALE" in t, "the stale row"))
+            assert "STALE" in row["00000000000000a1"]
+            await browser.screenshot(ARTIFACTS / "status-page-alarms.png")
+        finally:
+            await browser.close()
+            await server.close()
+
+    asyncio.run(scenario())
