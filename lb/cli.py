@@ -144,6 +144,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{cfg.path}: OK  version {cfg.version}  digest {cfg.digest}")
     print(f"  inside {format_address(cfg.lb.inside)}  return_mode {cfg.lb.return_mode.value}"
           f"  admin {format_address(cfg.lb.admin) if cfg.lb.admin else 'off'}")
+    if cfg.lb.fallback_key_file is None:  # see lb.control.config.derive_fallback_key for the trade-off
+        print("  fallback key PUBLIC (derived from each service name; Initials can be aimed at a backend): "
+              "set lb.fallback_key_file, made by `quiclb keygen -o fallback.key`")
     for svc in cfg.services:
         modes = ", ".join(f"{c.config_id}:{c.mode.value}" for c in svc.cid_configs)
         states = [b.state.value for b in svc.backends]
@@ -245,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("cid", help="CID as hex, first octet included")
     d.set_defaults(func=cmd_cid_decode)
 
-    k = sub.add_parser("keygen", help="a fresh 16-byte AES-128 key (from `secrets`)")
+    k = sub.add_parser("keygen", help="a fresh 16-byte key (from `secrets`): a CID key or the fallback_key_file")
     k.add_argument("-o", "--output", type=Path, help="write it to this file with mode 0600 (default: print)")
     k.add_argument("--force", action="store_true", help="replace an existing file")
     k.set_defaults(func=cmd_keygen)

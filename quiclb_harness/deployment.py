@@ -83,6 +83,9 @@ class Deployment:
     health_threshold: int = 3
     version: int = 1
     extra_lb: str = ""
+    #: Write ``fallback.key`` (as ``quiclb keygen -o`` does) and name it in ``[lb].fallback_key_file``:
+    #: a secret fallback hash key, stable across CID key rotation. False: the public derived key.
+    fallback_key: bool = True
     #: Write one self-signed certificate for every service's backends (clients verify it via ``cert_path``).
     tls: bool = False
     keys: dict[tuple[str, int], bytes] = field(default_factory=dict)
@@ -139,6 +142,10 @@ class Deployment:
                  f"health_threshold = {self.health_threshold}"]
         if self.admin:
             lines += [f'admin = "127.0.0.1:{self.admin_port}"', 'admin_token_file = "admin.token"']
+        if self.fallback_key:
+            if not (d / "fallback.key").exists():
+                write_key_file(d / "fallback.key")
+            lines.append('fallback_key_file = "fallback.key"')
         if self.extra_lb:
             lines.append(self.extra_lb)
         if self.tls and not self.cert_path.exists():

@@ -30,7 +30,6 @@ import hashlib
 import ipaddress
 import re
 import tomllib
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -73,7 +72,6 @@ MAX_SUPPORTED_VERSIONS = 32
 MAX_LB_SOURCES = 256
 _PORT = re.compile(r"[0-9]{1,5}")
 _FALLBACK_PERSON = b"quiclb-fallback"
-_KEYSET_PERSON = b"quiclb-keyset"
 
 # How a field enters LbConfig.digest (lb.control.config_digest reads these). A field without
 # metadata enters with its value, so a new field is in the digest unless it says why not.
@@ -140,7 +138,8 @@ class ServiceConfig:
     backends: tuple[BackendConfig, ...] = field(metadata=digest_sorted_by("server_id"))
     """In file order; the digest sorts them (tables are built sorted by server ID)."""
     fallback_key: bytes = field(repr=False, metadata=DIGEST_FINGERPRINT)
-    """32-byte Maglev fallback hash key, the same in every process (:func:`derive_fallback_key`)."""
+    """32-byte Maglev fallback hash key, the same in every process and across CID key rotation
+    (:func:`derive_fallback_key`)."""
     linkable: bool = field(metadata=DIGEST_OMIT)
     """True when any cid_config is plaintext: its CIDs are linkable (metrics say so, S-2).
     Not in the digest: derived from ``cid_configs``."""
@@ -289,27 +288,31 @@ def parse_address(text: str, where: str, *, allow_port_zero: bool = False) -> Ad
     return (str(ip), port)
 
 
-def derive_fallback_key(service_name: str, cid_keys: Collection[bytes], fallback_file_key: bytes | None) -> bytes:
+def derive_fallback_key(service_name: str, fallback_file_key: bytes | None) -> bytes:
     """The 32-byte fallback hash key of a service; a pure function of the configuration.
 
-    With ``[lb].fallback_key_file``: ``blake2b(key=file key, person="quiclb-fallback",
-    data=service name)`` - one secret shared by all services, domain-separated by name.
-    Otherwise the key is the sorted concatenation of the service's CID keys
-    (pre-hashed to 64 bytes, since up to 7 x 16 bytes exceeds blake2b's key limit).
-    Never process-local randomness: every LB instance must compute the same
-    Maglev table (design.md §3).
+    ``blake2b(key=K, person="quiclb-fallback", data=service name)``, where K is
+    the key of ``[lb].fallback_key_file`` (one secret shared by all services,
+    domain-separated by name), or empty when the file is not set.
 
-    Security note: a service whose configurations are all plaintext has no
-    secret to derive from, so its fallback key is public and clients can steer
-    Initials to a chosen backend (acceptance S-6). Such services should set
-    ``fallback_key_file``.
+    It never depends on the service's CID keys (issue 13, hole 2): a key
+    rotation adds a ``cid_config`` and later removes the old one, and a
+    fallback key that changed with either step would rebuild the Maglev table
+    under a new key, moving the Initials of handshakes in flight to other
+    backends - and, during a rolling reload, two LB instances (one reloaded,
+    one not) would send one handshake's Initials to different backends. No
+    CID key survives a full rotation, so none can be the root of a stable key.
+    Never process-local randomness either: every LB instance must compute the
+    same Maglev table (design.md §3).
+
+    Trade-off without the file: the derived key is stable and identical
+    everywhere, but it is computed from public data (the service name), so
+    anyone who knows the name can compute the Maglev table and aim Initials at
+    a chosen backend (acceptance S-6). Deployments should set
+    ``fallback_key_file`` (``quiclb keygen -o fallback.key``, the same file on
+    every LB instance); ``quiclb check-config`` flags services without it.
     """
-    if fallback_file_key is not None:
-        hash_key = fallback_file_key
-    elif cid_keys:
-        hash_key = hashlib.blake2b(b"".join(sorted(cid_keys)), person=_KEYSET_PERSON).digest()
-    else:
-        hash_key = b""
+    hash_key = b"" if fallback_file_key is None else fallback_file_key
     return hashlib.blake2b(service_name.encode("utf-8"), digest_size=32, key=hash_key, person=_FALLBACK_PERSON).digest()
 
 

@@ -158,8 +158,8 @@ class ServiceParser(TableReader):
                     )
             backends.append(backend)
 
-        cid_keys = [c.key for c in cid_configs if c.key is not None]
-        fallback_key = derive_fallback_key(name, cid_keys, fallback_file_key)
+        # Not from the CID keys: rotating them must not move handshakes in flight (hole 2).
+        fallback_key = derive_fallback_key(name, fallback_file_key)
         return ServiceConfig(
             name=name,
             vip=vip,

@@ -375,6 +375,7 @@ def test_base_document_is_valid(env: Env) -> None:
 def test_example_config_loads(tmp_path: Path) -> None:
     shutil.copy(EXAMPLE, tmp_path / "lb.toml")
     key = write_key_file(tmp_path / "keys" / "echo-0.key")
+    write_key_file(tmp_path / "fallback.key")
     (tmp_path / "admin.token").write_text("t0ken\n")
     (tmp_path / "admin.token").chmod(0o600)
     config = load_config(tmp_path / "lb.toml")
@@ -434,8 +435,8 @@ def test_plaintext_is_linkable_and_public_fallback_key(env: Env) -> None:
     service = env.parse(doc).service("echo")
     assert service.linkable
     assert service.cid_configs[0].key is None
-    # No secret to derive from: the documented, public key (set fallback_key_file instead).
-    assert service.fallback_key == derive_fallback_key("echo", [], None)
+    # No fallback_key_file: the documented, public key (set fallback_key_file instead).
+    assert service.fallback_key == derive_fallback_key("echo", None)
 
 
 def test_admin_absent_needs_no_token(env: Env) -> None:
@@ -489,6 +490,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_unknown_key_in_toml_text(tmp_path: Path) -> None:
     shutil.copy(EXAMPLE, tmp_path / "lb.toml")
     write_key_file(tmp_path / "keys" / "echo-0.key")
+    write_key_file(tmp_path / "fallback.key")
     (tmp_path / "admin.token").write_text("t\n")
     (tmp_path / "admin.token").chmod(0o600)
     text = (tmp_path / "lb.toml").read_text().replace("nonce_len = 14", "nonse_len = 14")
@@ -506,6 +508,7 @@ def example_dir(tmp_path: Path) -> Path:
     root.mkdir()
     shutil.copy(EXAMPLE, root / "lb.toml")
     write_key_file(root / "keys" / "echo-0.key")
+    write_key_file(root / "fallback.key")
     (root / "admin.token").write_text("t0ken\n")
     (root / "admin.token").chmod(0o600)
     return root
@@ -598,26 +601,34 @@ def test_fallback_key_deterministic_and_per_service(env: Env) -> None:
     assert [s.fallback_key for s in a.services] == [s.fallback_key for s in b.services]
     echo, web = a.service("echo").fallback_key, a.service("web").fallback_key
     assert len(echo) == 32 and echo != web
-    assert echo == derive_fallback_key("echo", [env.keys["echo-0"]], None)
+    assert echo == derive_fallback_key("echo", None)  # public: from the name alone
 
     doc["lb"]["fallback_key_file"] = "keys/fallback.key"
     shared = env.parse(doc)
     echo2, web2 = shared.service("echo").fallback_key, shared.service("web").fallback_key
     assert echo2 != web2
     assert echo2 not in (echo, web)
-    assert echo2 == derive_fallback_key("echo", [], env.keys["fallback"])
+    assert echo2 == derive_fallback_key("echo", env.keys["fallback"])
     assert shared.digest != a.digest
 
 
-def test_fallback_key_independent_of_config_order(env: Env) -> None:
-    one = env.base()
-    _second_config(one)
-    two = env.base()
-    _svc(two)["cid_config"] = [
-        {"config_id": 1, "server_id_len": 2, "nonce_len": 14, "key_file": "keys/echo-1.key"},
-        _cfg(one, 0),
-    ]
-    assert env.parse(one).services[0].fallback_key == env.parse(two).services[0].fallback_key
+@pytest.mark.parametrize("key_file", [None, "keys/fallback.key"], ids=["derived", "key-file"])
+def test_fallback_key_survives_cid_key_rotation(env: Env, key_file: str | None) -> None:
+    # Issue 13 hole 2: each step of a rotation (add config 1, then remove config 0), a new key
+    # for a config, and the configs' order leave the fallback key - hence the Maglev table - alone.
+    def key_of(configs: list[Doc]) -> bytes:
+        doc = env.base()
+        if key_file is not None:
+            doc["lb"]["fallback_key_file"] = key_file
+        _svc(doc)["cid_config"] = configs
+        return env.parse(doc).services[0].fallback_key
+
+    old = {"config_id": 0, "server_id_len": 2, "nonce_len": 14, "key_file": "keys/echo-0.key"}
+    new = {"config_id": 1, "server_id_len": 2, "nonce_len": 14, "key_file": "keys/echo-1.key"}
+    rekeyed = {**old, "key_file": "keys/web-0.key"}
+    plain = {"config_id": 2, "server_id_len": 2, "nonce_len": 14, "plaintext": True}
+    before = key_of([old])
+    assert {key_of(c) for c in ([old, new], [new, old], [new], [rekeyed], [plain], [old, plain])} == {before}
 
 
 # --------------------------------------------------------------------------- robustness (F-3 in miniature)

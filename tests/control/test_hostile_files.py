@@ -53,7 +53,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *
 @pytest.fixture
 def dep(tmp_path: Path) -> Deployment:
     d = Deployment(tmp_path / "dep", [ServiceSpec(backends=[BackendSpec("0001")])], admin=True,
-                   extra_lb='fallback_key_file = "keys/fallback.key"')
+                   fallback_key=False, extra_lb='fallback_key_file = "keys/fallback.key"')
     d.directory.mkdir()
     d.write()
     from lb.control.keys import write_key_file  # noqa: PLC0415
