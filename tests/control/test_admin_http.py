@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb import CidConfig, decode_server_id, encode_cid
@@ -358,6 +359,18 @@ def test_metrics_route() -> None:
         assert reply.status == 200
         assert reply.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
         names = {f.name for f in text_string_to_metric_families(reply.body.decode())}
+        assert {"quiclb_config_version", "quiclb_admin_auth_failures", "quiclb_tx_to_backend"} <= names
+
+    serve(scenario)
+
+
+def test_metrics_route_negotiates_openmetrics() -> None:
+    async def scenario(server: AdminServer, addr: Addr) -> None:
+        accept = "application/openmetrics-text;version=1.0.0;q=0.9,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        reply = await request(addr, "GET", "/metrics", headers={"Accept": accept})  # what Prometheus sends
+        assert reply.status == 200
+        assert reply.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+        names = {f.name for f in parse_openmetrics(reply.body.decode())}
         assert {"quiclb_config_version", "quiclb_admin_auth_failures", "quiclb_tx_to_backend"} <= names
 
     serve(scenario)
