@@ -30,6 +30,9 @@ Rules:
   body at most :data:`MAX_BODY` (413); chunked bodies are refused (501);
   a peer's waiting connections are capped, oldest evicted first, so
   ``/healthz`` keeps answering under a slowloris.
+- **The datapath shares this loop.** Large answers (``/metrics``,
+  ``/backends``) are encoded in a worker thread from a snapshot taken on the
+  loop, so a scrape of thousands of backends does not stall forwarding.
 - **HTTP/1.0 and 1.1 only.** aiohttp also parses HTTP/0.9 and "HTTP/2.0"
   request lines; they get a closed connection (no status line would be
   truthful), other malformed requests aiohttp's 400.
