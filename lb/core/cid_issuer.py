@@ -32,18 +32,23 @@ DEFAULT_WARN_FRACTION = 0.9
 
 
 class NoncePermutation:
-    """A keyed bijection on ``nonce_len``-byte values (balanced Feistel over bits).
+    """A keyed bijection on ``bits``-bit values (balanced Feistel), written as ``nonce_len`` bytes.
 
-    ``8 * nonce_len`` is even, so the two halves have equal width; each round
-    XORs one half with AES(key, round || other half) truncated to the half width.
-    Any round function gives a permutation, so uniqueness holds whatever the key.
+    ``bits`` (default ``8 * nonce_len``) is even, so the two halves have equal
+    width; each round XORs one half with AES(key, round || other half)
+    truncated to the half width. Any round function gives a permutation, so
+    uniqueness holds whatever the key, and the image of ``range(2**bits)`` is
+    ``range(2**bits)`` again: a small space can be checked exhaustively.
     """
 
     __slots__ = ("_encrypt", "_half_bits", "_half_bytes", "_mask", "_nonce_len")
 
-    def __init__(self, nonce_len: int, key: bytes) -> None:
+    def __init__(self, nonce_len: int, key: bytes, *, bits: int | None = None) -> None:
+        bits = 8 * nonce_len if bits is None else bits
+        if bits % 2 or not 2 <= bits <= 8 * nonce_len:
+            raise ValueError(f"bits: must be even and 2..{8 * nonce_len}, got {bits}")
         self._nonce_len = nonce_len
-        self._half_bits = 4 * nonce_len
+        self._half_bits = bits // 2
         self._half_bytes = (self._half_bits + 7) // 8
         self._mask = (1 << self._half_bits) - 1
         self._encrypt = aes_ecb(key).encrypt
@@ -66,6 +71,12 @@ class CidIssuer:
     ``max_cids`` caps how many routable CIDs this issuer makes (default: the
     whole nonce space). Operators lower it to rotate keys early; tests use it to
     reach exhaustion quickly.
+
+    ``nonce_bits`` narrows the nonce space to ``2**nonce_bits`` values (even,
+    default ``8 * nonce_len``; the high bits of the nonce are then zero). Only
+    for tests: the smallest legal nonce (4 bytes) is too big to exhaust, and
+    exhausting a space is the one check that tells a permutation of a counter
+    (every nonce exactly once) from random nonces (repeats by the birthday bound).
     """
 
     def __init__(
@@ -75,10 +86,14 @@ class CidIssuer:
         *,
         max_cids: int | None = None,
         warn_fraction: float = DEFAULT_WARN_FRACTION,
+        nonce_bits: int | None = None,
     ) -> None:
         if len(server_id) != cfg.server_id_len:
             raise ValueError(f"server_id: must be {cfg.server_id_len} bytes for config {cfg.config_id}")
-        space = 1 << (8 * cfg.nonce_len)
+        nonce_bits = 8 * cfg.nonce_len if nonce_bits is None else nonce_bits
+        if nonce_bits % 2 or not 2 <= nonce_bits <= 8 * cfg.nonce_len:  # the Feistel halves are equal
+            raise ValueError(f"nonce_bits: must be even and 2..{8 * cfg.nonce_len}, got {nonce_bits}")
+        space = 1 << nonce_bits
         if max_cids is not None and max_cids < 1:
             raise ValueError(f"max_cids: must be at least 1, got {max_cids}")
         self.cfg = cfg
@@ -86,7 +101,7 @@ class CidIssuer:
         self.limit = space if max_cids is None else min(max_cids, space)
         self._space = space
         self._start = secrets.randbelow(space)  # random start (-21 §9.6 SHOULD)
-        self._permutation = NoncePermutation(cfg.nonce_len, secrets.token_bytes(16))
+        self._permutation = NoncePermutation(cfg.nonce_len, secrets.token_bytes(16), bits=nonce_bits)
         self._warn_at = int(self.limit * warn_fraction)
         self.issued = 0
         self.unroutable_issued = 0

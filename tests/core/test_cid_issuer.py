@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from lb import CidConfig, CidIssuer, decode_cid, decode_server_id
 from lb.core.cid_issuer import NoncePermutation
 
@@ -43,6 +45,41 @@ def test_r3_tiny_nonce_space_reports_exhaustion_before_any_repeat() -> None:
     assert all(c[0] == 0xE0 | (cfg.cid_len - 1) and len(c) == cfg.cid_len for c in after)
     assert all(decode_server_id(cfg, c) is None for c in after)
     assert issuer.unroutable_issued == 10
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [CidConfig(0, 2, 4), CidConfig(1, 2, 14, KEY), CidConfig(2, 3, 5, KEY)],
+    ids=["plaintext", "single-pass", "four-pass"],
+)
+@pytest.mark.parametrize("nonce_bits", [2, 10, 14])
+def test_r3_a_small_nonce_space_is_used_exactly_once_each_then_only_0b111(cfg: CidConfig, nonce_bits: int) -> None:
+    # The only check that tells a permutation of a counter from random nonces: exhaust the space.
+    # Every nonce of the space appears exactly once (random nonces repeat and miss some, by the
+    # birthday bound: 2^14 draws from 2^14 values miss about a third), then the issuer switches to
+    # self-describing 0b111 CIDs before anything could repeat (-21 §9.6).
+    sid = bytes(range(1, cfg.server_id_len + 1))
+    space = 1 << nonce_bits
+    issuer = CidIssuer(cfg, sid, nonce_bits=nonce_bits)
+    assert issuer.limit == space
+    nonces = []
+    while not issuer.exhausted:
+        assert issuer.issued < space, "the issuer kept issuing past its nonce space"
+        decoded = decode_cid(cfg, issuer.next_cid())
+        assert decoded is not None and decoded[0] == sid
+        nonces.append(int.from_bytes(decoded[1], "big"))
+    assert sorted(nonces) == list(range(space))
+    assert nonces != sorted(nonces) or space <= 4  # permuted, not the counter itself
+    after = [issuer.next_cid() for _ in range(5)]
+    assert all(c[0] >> 5 == 0b111 and len(c) == cfg.cid_len for c in after)
+    assert all(decode_cid(cfg, c) is None for c in after)
+    assert issuer.unroutable_issued == 5 and issuer.remaining == 0
+
+
+def test_nonce_bits_must_split_into_equal_halves() -> None:
+    for bad in (0, 3, 34):
+        with pytest.raises(ValueError, match="nonce_bits"):
+            CidIssuer(CidConfig(0, 2, 4), b"\x00\x01", nonce_bits=bad)
 
 
 def test_nonce_permutation_is_a_bijection_on_a_full_small_space() -> None:
