@@ -70,7 +70,10 @@ class Router(BatchRouting):
         self._routes: dict[tuple[int, bytes], CidRoute] = {}  # of the current table
         self._retired_cid_routed: dict[tuple[int, str], int] = {}  # counts of earlier tables' routes
         self._fallback_routed: dict[str, int] = {}
-        self._hits: Counter[CidRoute] = Counter()  # cache hits counted a batch at a time
+        # Cache hits of whole batches are logged (one list.extend per batch) and counted when
+        # read or when the log grows long: Counter.update per batch cost as much as a small batch.
+        self._hit_log: list[CidRoute] = []
+        self._hits: Counter[CidRoute] = Counter()
         self._dcid_slices: dict[tuple[int, int], list[slice]] = {}  # (stride, DCID length) -> slices
         self._cipher_calls = 0
         self._evictions = 0
@@ -78,6 +81,7 @@ class Router(BatchRouting):
 
     def set_table(self, table: ServiceTable) -> None:
         # Counters are monotonic: fold the old table's per-route counts into the totals.
+        self.count_logged_hits()
         for route in self._routes.values():
             key = (route.config_id, route.label)
             self._retired_cid_routed[key] = self._retired_cid_routed.get(key, 0) + route.count + self._hits[route]
@@ -196,7 +200,14 @@ class Router(BatchRouting):
 
     # -- observation ----------------------------------------------------------
 
+    def count_logged_hits(self) -> None:
+        """Fold the batch hit log into the per-route counts (C-level: one Counter.update)."""
+        if self._hit_log:
+            self._hits.update(self._hit_log)
+            self._hit_log = []
+
     def stats(self) -> RouterStats:
+        self.count_logged_hits()
         cid_routed = dict(self._retired_cid_routed)
         for route in self._routes.values():
             key = (route.config_id, route.label)

@@ -19,8 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb import CidConfig, encode_cid
+from lb.core.batch_routing import HIT_LOG_FOLD
 from lb.core.cid_decoder import ConfigDecoder
-from lb.core.outcomes import RouterStats
+from lb.core.outcomes import Outcome, RouterStats
 from lb.core.router import Router
 from lb.core.service_table import Backend, ServiceTable, build_service_table
 from quiclb_harness.datagrams import initial, long_header, short_header, version_negotiation
@@ -288,3 +289,16 @@ def test_cold_batches_of_short_headers_equal_scalar(kind: str) -> None:
         assert got == expected
         cipher = scalar.stats().cache_evictions == 0
         assert comparable(batch_router.stats(), with_cipher=cipher) == comparable(scalar.stats(), with_cipher=cipher)
+
+
+def test_the_hit_log_of_whole_batches_stays_bounded_and_counts_every_hit() -> None:
+    tbl = TABLES["four"]
+    cids = [c for c in cids_of(tbl, 5) if tbl.decoder.decode(c) in tbl.backends]
+    buf, stride, lengths = slots([short_header(cids[i % len(cids)]) for i in range(64)])
+    router = Router(tbl)
+    batches = 2 * HIT_LOG_FOLD // 64 + 3
+    for _ in range(batches):
+        router.route_batch(buf, stride, lengths, lambda i: ("198.51.100.7", 1))
+        assert len(router._hit_log) <= HIT_LOG_FOLD + 64
+    stats = router.stats()
+    assert stats.outcomes[Outcome.CID_ROUTED] == sum(stats.cid_routed.values()) == 64 * batches
