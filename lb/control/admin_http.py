@@ -53,8 +53,6 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -71,6 +69,15 @@ from lb.control.admin_messages import (
     json_response,
     query_params,
     single_param,
+)
+from lb.control.admin_requests import (
+    HTTP_VERSIONS,
+    MAX_BODY,
+    MAX_HEADERS,
+    MAX_REQUEST_HEAD,
+    ClientNoiseLog,
+    read_request,
+    to_web,
 )
 from lb.control.metrics import AdminCounters, LbCollector, encode_metrics, lb_registry
 from lb.control.snapshot import LbSnapshot, ReloadResult
@@ -90,12 +97,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Largest request line plus headers, in bytes.
-MAX_REQUEST_HEAD = 8192
-#: Most header lines in one request.
-MAX_HEADERS = 64
-#: Largest request body, in bytes (no route reads one; it is drained and ignored).
-MAX_BODY = 1024
 #: Longest DCID /route accepts: the QUIC v1 limit (RFC 9000 §17.2).
 MAX_DCID_LEN = 20
 #: Longest ``service`` query value.
@@ -107,19 +108,6 @@ DEFAULT_WRITE_TIMEOUT = 5.0
 PUBLIC_PATHS = frozenset({"/healthz", "/"})
 
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
-_METHOD = re.compile(r"[A-Z]{1,16}")
-# A repeated header among these is ambiguous, so the request is refused.
-_SINGLETON_HEADERS = ("authorization", "content-length", "transfer-encoding", "host")
-_HTTP_VERSIONS = ((1, 0), (1, 1))
-
-
-class _ClientNoiseLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """aiohttp reports every malformed request with a traceback at ERROR; on the admin port that is
-    a client's mistake, so it becomes one DEBUG line (this module logs its own handler errors)."""
-
-    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
-        detail = exc_info if isinstance(exc_info, BaseException) else ""
-        self.debug("%s: %s", str(msg) % args if args else msg, detail)
 
 
 class AdminServer:
@@ -203,7 +191,7 @@ class AdminServer:
         self._http = web.Server(
             self._handle,
             access_log=None,
-            logger=_ClientNoiseLog(logging.getLogger(__name__ + ".protocol"), {}),
+            logger=ClientNoiseLog(logging.getLogger(__name__ + ".protocol"), {}),
             # The guard enforces the real deadlines (408); aiohttp's idle timer is a backstop.
             keepalive_timeout=2 * self._guard.read_timeout,
             # Loose enough that the head-size rules below answer 431; the guard's byte cap bounds the rest.
@@ -236,17 +224,17 @@ class AdminServer:
         if conn is not None:
             conn.request_started()
         try:
-            if http_request.version not in _HTTP_VERSIONS:
+            if http_request.version not in HTTP_VERSIONS:
                 return self._hang_up(http_request, conn)
             try:
-                request = await self._read_request(http_request, conn)
+                request = await read_request(http_request, conn, self._guard.read_timeout)
                 response = await self._dispatch(request)
             except AdminHttpError as exc:
                 response = error_response(exc.status, exc.message)
             except Exception:  # a bug here must not become aiohttp's own 500 page
                 logger.exception("admin: unexpected error serving %s", http_request.method)
                 response = error_response(500, "internal error; see the LB log")
-            return _to_web(response)
+            return to_web(response)
         finally:
             if conn is not None:
                 conn.response_ready()
@@ -257,42 +245,6 @@ class AdminServer:
         elif http_request.transport is not None:
             http_request.transport.abort()
         return web.Response(status=400)  # written nowhere: the transport is gone
-
-    async def _read_request(self, http_request: web.BaseRequest, conn: GuardedProtocol | None) -> Request:
-        method, target = http_request.method, http_request.raw_path
-        if not _METHOD.fullmatch(method) or not target.startswith("/"):
-            raise AdminHttpError(400, "malformed request line")
-        raw_headers = http_request.raw_headers
-        if len(raw_headers) > MAX_HEADERS:
-            raise AdminHttpError(431, f"more than {MAX_HEADERS} header fields")
-        head_size = len(method) + len(target) + 12 + sum(len(k) + len(v) + 4 for k, v in raw_headers)
-        if head_size > MAX_REQUEST_HEAD:
-            raise AdminHttpError(431, f"request head exceeds {MAX_REQUEST_HEAD} bytes")
-        fields = http_request.headers
-        for name in _SINGLETON_HEADERS:
-            if len(fields.getall(name, ())) > 1:
-                raise AdminHttpError(400, f"repeated {name} header")
-        if "transfer-encoding" in fields:
-            raise AdminHttpError(501, "chunked request bodies are not supported")
-        length = http_request.content_length or 0
-        if length > MAX_BODY:
-            raise AdminHttpError(413, f"request body exceeds {MAX_BODY} bytes")
-        if length:
-            # Drained and ignored (no route takes a body), within what is left of the read deadline.
-            left = conn.read_time_left() if conn is not None else self._guard.read_timeout
-            try:
-                async with asyncio.timeout(left):
-                    await http_request.read()
-            except TimeoutError:
-                raise AdminHttpError(408, "request not received in time") from None
-        split = urlsplit(target)
-        headers = {k.lower(): v for k, v in fields.items()}
-        if conn is not None:
-            peer = conn.peer
-        else:
-            transport = http_request.transport
-            peer = peer_key(transport.get_extra_info("peername") if transport is not None else None)
-        return Request(method, split.path, split.query, headers, peer)
 
     # -- routing and authentication -----------------------------------------------
 
@@ -417,17 +369,3 @@ class AdminServer:
             except LbError as exc:
                 return json_response(422, {"ok": False, "message": str(exc)})
         return json_response(200 if result.ok else 422, dataclasses.asdict(result))
-
-
-
-
-def _to_web(response: Response) -> web.Response:
-    headers = {
-        "Content-Type": response.content_type,
-        "Cache-Control": "no-store",
-        "X-Content-Type-Options": "nosniff",
-    }
-    headers.update(response.headers)
-    web_response = web.Response(status=response.status, body=response.body, headers=headers)
-    web_response.force_close()  # one request per connection: "Connection: close"
-    return web_response
