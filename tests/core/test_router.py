@@ -828,18 +828,21 @@ def test_cache_is_bounded() -> None:
         assert router.stats().cache_entries <= 4
 
 
-@pytest.mark.parametrize("size", [0, 1])
-def test_tiny_or_disabled_cache_never_escapes(size: int) -> None:
-    # A cache_size of 0 must either be refused up front or disable the cache; route() must not raise.
-    try:
-        router = Router(table("single"), cache_size=size)
-    except ValueError:
-        return
-    for k in (A, B, A, C, A):
-        outcome, backend = router.route(short_header(cid("single", k)), CLIENT)
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize(("size", "decodes", "evictions"), [(0, 6, 0), (1, 4, 3)])
+def test_tiny_or_disabled_cache_never_escapes(entry: str, size: int, decodes: int, evictions: int) -> None:
+    # Pinned: cache_size 0 disables the cache (every datagram decoded, nothing kept), 1 keeps the
+    # latest DCID only; both route exactly like the default cache. Negative sizes are refused.
+    router = Router(table("single"), cache_size=size)
+    for k in (A, A, B, B, A, C):  # size 1: miss, hit, miss (evicts A), hit, miss, miss
+        outcome, backend = route_via(entry, router, short_header(cid("single", k)), CLIENT)
         assert outcome == Outcome.CID_ROUTED
         assert backend == table("single").backends[sid(k)]
-    assert router.stats().cache_entries <= size
+        assert router.stats().cache_entries == size
+    stats = router.stats()
+    assert (stats.cipher_calls, stats.cache_evictions) == (decodes, evictions)
+    with pytest.raises(ValueError, match="cache_size"):
+        Router(table("single"), cache_size=-1)
 
 
 def test_set_table_clears_the_cache_and_keeps_the_counters() -> None:
