@@ -8,8 +8,10 @@ import hashlib
 import json
 import logging
 import re
+import tomllib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
@@ -247,6 +249,13 @@ def test_status_page_is_public_static_and_pinned_by_its_csp() -> None:
         assert f"'sha256-{digest}'" in csp
 
     serve(scenario)
+
+
+def test_the_status_page_ships_as_package_data() -> None:
+    """An installed LB reads the page from its package: a wheel without it would answer / with a 500."""
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert "control/status_page.html" in pyproject["tool"]["setuptools"]["package-data"]["lb"]
+    assert status_page_html().startswith(b"<!doctype html>")
 
 
 def test_healthz_needs_no_token() -> None:
