@@ -24,7 +24,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,11 +44,11 @@ FLAPS_PER_SECOND = 10
 TICK = 0.001
 
 
-def _executor(mode: str) -> Executor | None:
+def _workers(mode: str) -> Callable[[], Executor] | None:
     if mode == "thread":
-        return ThreadPoolExecutor(max_workers=1)
+        return lambda: ThreadPoolExecutor(max_workers=1)
     if mode == "process":
-        return ring_executor()  # the LB's own
+        return ring_executor  # the LB's own
     return None
 
 
@@ -59,8 +59,8 @@ async def measure(mode: str, seconds: float, directory: Path) -> dict[str, float
     ])
     dep.write()
     cfg = load_config(dep.path)
-    executor = _executor(mode)
-    builder = TableBuilder(executor=executor)
+    builder = TableBuilder(workers=_workers(mode))
+    executor = builder.executor
     loop = asyncio.get_running_loop()
     routers = {name: Router(t) for name, t in (await builder.build_async(cfg, frozenset(), loop.time())).items()}
     if executor is not None:  # start the worker before measuring (the LB does it at start-up too)

@@ -65,7 +65,7 @@ class LoadBalancer:
     """One LB process. ``start`` binds and serves; ``reload`` swaps configurations atomically."""
 
     def __init__(self, config: LbConfig, *, admin: bool = True, io: str = "asyncio",
-                 datapath: Datapath | None = None, executor: Executor | None = None) -> None:
+                 datapath: Datapath | None = None, ring_workers: Callable[[], Executor] | None = None) -> None:
         self.datapath = datapath if datapath is not None else open_datapath(io)
         self.admin_enabled = admin
         self.return_path = ReturnPath()
@@ -73,7 +73,7 @@ class LoadBalancer:
         lb = config.lb
         tracker: HealthTracker[HealthKey] = HealthTracker(lb.health_interval, lb.health_timeout, lb.health_threshold)
         self.health = HealthChecker(self.datapath, tracker, on_change=lambda _services: self.updater.request())
-        self.builder = TableBuilder(executor=executor)
+        self.builder = TableBuilder(workers=ring_workers)
         self.updater = TableUpdater(self.builder, inputs=lambda: (self.config, self.health.unhealthy()),
                                     install=self._install)
         self.reloader = ConfigReloader(config, self, lock=self.updater.lock)
@@ -203,7 +203,8 @@ class LoadBalancer:
             datapath=self.datapath.stats(), health=health.statuses, reloads=self.reloader.stats(),
             builds=self.builder.stats(), started_at=self.started_at,
             extra={"health_probes_not_sent": health.probes_not_sent,
-                   "table_update_failures": self.updater.stats().failures},
+                   "table_update_failures": self.updater.stats().failures,
+                   "ring_worker_restarts": self.builder.stats().worker_restarts},
         )
 
 
@@ -223,7 +224,7 @@ async def serve(
     io: str = "asyncio",
 ) -> None:
     """Run one LB process until SIGTERM/SIGINT (``admin=False``: no admin API, for extra workers)."""
-    lb = LoadBalancer(config, admin=admin, io=io, executor=ring_executor())
+    lb = LoadBalancer(config, admin=admin, io=io, ring_workers=ring_executor)
     lb.install_signal_handlers()
     try:
         await lb.start()

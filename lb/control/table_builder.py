@@ -27,9 +27,10 @@ clock, the same one the health checker uses.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -38,6 +39,8 @@ from lb.core.addresses import Address, normalize_address
 from lb.core.health import HealthKey
 from lb.core.maglev import MaglevTable, build_maglev_table
 from lb.core.service_table import Backend, ServiceTable
+
+log = logging.getLogger("quiclb")
 
 #: aioquic's default idle timeout (60 s) plus a margin: long enough for every
 #: client of a removed backend to have given up.
@@ -68,6 +71,7 @@ class TableBuilderStats:
     fallback_table_builds: int  # Maglev rings computed (the expensive part)
     ring_reuses: int  # tables assembled around a ring that was already built
     tables_built: int
+    worker_restarts: int  # ring worker processes replaced after they died
 
 
 def _backends(svc: ServiceConfig, unhealthy: frozenset[HealthKey]) -> list[Backend]:
@@ -149,10 +153,12 @@ class TableBuilder:
     """Builds tables (keeping recent rings), remembers removed server IDs until their tombstones expire."""
 
     def __init__(
-        self, tombstone_seconds: float = DEFAULT_TOMBSTONE_SECONDS, *, executor: Executor | None = None
+        self, tombstone_seconds: float = DEFAULT_TOMBSTONE_SECONDS, *, workers: Callable[[], Executor] | None = None
     ) -> None:
         self.tombstone_seconds = tombstone_seconds
-        self.executor = executor  # None: rings are built inline (tests, tools)
+        self._workers = workers  # None: rings are built inline (tests, tools)
+        self.executor = workers() if workers is not None else None
+        self.worker_restarts = 0
         self._tombstones: dict[str, dict[bytes, tuple[float, Address]]] = {}
         self._rings: OrderedDict[RingSpec, MaglevTable] = OrderedDict()
         self.builds = 0
@@ -267,11 +273,25 @@ class TableBuilder:
         """Every table, with missing rings built in the executor: the event loop keeps forwarding meanwhile."""
         if self.executor is None:
             return self.build_now(cfg, unhealthy, now, tombstones)
-        loop = asyncio.get_running_loop()
         have, missing = self._split(cfg, unhealthy)
-        rings = await asyncio.gather(*(loop.run_in_executor(self.executor, spec.build) for spec in missing))
+        try:
+            rings = await self._build_rings(self.executor, missing)
+        except BrokenExecutor:
+            # The worker died (the OOM killer, a stray kill): without a new one no table would ever
+            # change again - no health flip, no reload. Start one and build again, once.
+            assert self._workers is not None
+            log.warning("ring worker died; starting a new one")
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = self._workers()
+            self.worker_restarts += 1
+            rings = await self._build_rings(self.executor, missing)
         built = dict(zip(missing, rings, strict=True))
         return self._assemble(cfg, unhealthy, now, have=have, built=built, tombstones=tombstones)
+
+    @staticmethod
+    async def _build_rings(executor: Executor, specs: list[RingSpec]) -> list[MaglevTable]:
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(*(loop.run_in_executor(executor, spec.build) for spec in specs))
 
     # Tools and tests that build one table from a health predicate (no tombstone clock involved).
     def build(self, cfg: LbConfig, healthy: HealthLookup) -> dict[str, ServiceTable]:
@@ -283,4 +303,4 @@ class TableBuilder:
         return self.build(cfg, healthy)[svc.name]
 
     def stats(self) -> TableBuilderStats:
-        return TableBuilderStats(self.builds, self._reuses, self._tables)
+        return TableBuilderStats(self.builds, self._reuses, self._tables, self.worker_restarts)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+import multiprocessing
+import os
+import signal
 from pathlib import Path
 
 from lb.control.config import load_config
+from lb.control.ring_worker import ring_executor
 from lb.control.table_builder import TableBuilder, build_tables, same_routing
 from lb.core.service_table import Backend, build_service_table
 from quiclb_harness.deployment import BackendSpec, Deployment, ServiceSpec
@@ -26,8 +28,12 @@ def test_a_build_in_a_process_pool_equals_the_synchronous_build(tmp_path: Path) 
     unhealthy = frozenset({("svc1", b"\x00\x02")})
 
     async def main() -> None:
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            off_loop = await TableBuilder(executor=pool).build_async(cfg, unhealthy, now=0.0)
+        builder = TableBuilder(workers=ring_executor)
+        try:
+            off_loop = await builder.build_async(cfg, unhealthy, now=0.0)
+        finally:
+            assert builder.executor is not None
+            builder.executor.shutdown()
         # The reference: the core's own one-shot build, no ring memory, no executor.
         inline = {
             svc.name: build_service_table(
@@ -84,3 +90,25 @@ def test_the_pure_build_drops_tombstones_whose_time_has_come(tmp_path: Path) -> 
     stones = {"svc0": {b"\x00\x09": (110.0, ("127.0.0.1", 9))}}
     assert build_tables(cfg, frozenset(), stones, now=105.0)["svc0"].tombstones == {b"\x00\x09"}
     assert build_tables(cfg, frozenset(), stones, now=110.0)["svc0"].tombstones == frozenset()
+
+
+def test_a_dead_ring_worker_is_replaced_and_the_build_still_happens(tmp_path: Path) -> None:
+    cfg = load_config(_deployment(tmp_path).path)
+
+    async def main() -> None:
+        builder = TableBuilder(workers=ring_executor)
+        try:
+            await builder.build_async(cfg, frozenset(), now=0.0)
+            workers = multiprocessing.active_children()
+            assert workers
+            for worker in workers:  # the OOM killer, say
+                os.kill(worker.pid or 0, signal.SIGKILL)
+                worker.join(5)
+            flapped = await builder.build_async(cfg, frozenset({("svc2", b"\x00\x01")}), now=0.0)
+            assert b"\x00\x01" not in flapped["svc2"].fallback_backends
+            assert builder.stats().worker_restarts == 1
+        finally:
+            assert builder.executor is not None
+            builder.executor.shutdown()
+
+    asyncio.run(main())

@@ -43,7 +43,7 @@ def test_a_health_flip_during_a_reload_is_applied_to_the_new_configuration(tmp_p
         executor = GatedExecutor()
         network = MemoryNetwork()
         lb = LoadBalancer(load_config(dep.path), admin=False, datapath=AsyncioDatapath(network.open_endpoint),
-                          executor=executor)
+                          ring_workers=lambda: executor)
         cluster = MemoryCluster(dep, network, lb, {})
         for spec in dep.services[0].backends:
             cluster.add_backend(spec)
