@@ -7,6 +7,7 @@ import os
 import random
 from pathlib import Path
 
+from lb.adapters.memory_network import Packet
 from lb.core.outcomes import Outcome
 from quiclb_harness.datagrams import initial, long_header, short_header, version_negotiation
 
@@ -48,6 +49,50 @@ def test_received_client_datagrams_equal_router_outcomes_plus_adapter_drops(tmp_
                 snap.datapath.backend_unreachable.values()
             )
             assert snap.routers[0].outcomes[Outcome.MALFORMED_DROPPED] > 0
+        finally:
+            await cluster.stop()
+
+    asyncio.run(main())
+
+
+def test_the_sum_holds_over_a_network_that_drops_duplicates_and_delays(tmp_path: Path) -> None:
+    rng = random.Random(11)
+
+    async def main() -> None:
+        cluster = await start_cluster(make_deployment(tmp_path))
+        net = cluster.network
+        vip = cluster.dep.vip()
+        reached_vip = 0
+
+        def terrible(packet: Packet) -> None:
+            nonlocal reached_vip
+            fate = rng.random()
+            copies = 0 if fate < 0.1 else 2 if fate < 0.2 else 1
+            if packet.destination == vip:
+                reached_vip += copies
+            for _ in range(copies):
+                if rng.random() < 0.3:
+                    net.deliver_later(packet, rng.random() * 0.01)
+                else:
+                    net.deliver(packet)
+
+        net.route_packet = terrible
+        try:
+            client = cluster.client()
+            for _ in range(300):
+                sid = rng.choice(["0001", "0002", "0003"])
+                client.send(cluster.short(sid) if rng.random() < 0.7 else initial(1, os.urandom(8), b""), vip)
+            await net.settle()
+            snap = cluster.lb.snapshot()
+            assert snap.datapath is not None
+            assert snap.datapath.rx_client_datagrams == reached_vip
+            assert reached_vip == sum(r.total_outcomes() for r in snap.routers) + sum(snap.datapath.drops.values())
+            # Every forward was sent or counted as refused; every accepted reply was sent or counted.
+            forwarded = sum(n for r in snap.routers for o, n in r.outcomes.items() if o.forwards)
+            assert forwarded == sum(snap.datapath.tx_to_backend.values()) + sum(
+                snap.datapath.backend_unreachable.values()
+            )
+            assert snap.return_path.tx_to_client == snap.datapath.tx_to_client + snap.datapath.tx_to_client_errors
         finally:
             await cluster.stop()
 
