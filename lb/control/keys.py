@@ -177,6 +177,10 @@ def read_key_file(path: Path) -> bytes:
     return bytes.fromhex(text)
 
 
+#: Shortest admin token accepted (16 visible ASCII characters: about 100 bits when random).
+MIN_TOKEN_LEN = 16
+
+
 def read_token_file(path: Path) -> str:
     """Load the admin bearer token: owner-only file, stripped, non-empty, visible ASCII only.
 
@@ -192,4 +196,9 @@ def read_token_file(path: Path) -> str:
         raise ConfigError(f"{path}: token file is empty")
     if not all("\x21" <= c <= "\x7e" for c in token):
         raise ConfigError(f"{path}: token must be visible ASCII only (no spaces or control characters)")
+    if len(token) < MIN_TOKEN_LEN:
+        # The admin API serves the right token even to a peer locked out for wrong ones, so
+        # the lockout does not slow guessing: the token's length is the defence.
+        raise ConfigError(f"{path}: token must be at least {MIN_TOKEN_LEN} characters (got {len(token)}); "
+                          "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
     return token

@@ -51,10 +51,10 @@ class Env:
         short.write_text("00" * 15 + "\n")
         short.chmod(0o600)
         token = root / "admin.token"
-        token.write_text("test-token-123\n")
+        token.write_text("test-token-0123456789\n")
         token.chmod(0o600)
         loose = root / "loose.token"
-        loose.write_text("test-token-123\n")
+        loose.write_text("test-token-0123456789\n")
         loose.chmod(0o644)
         (root / "tls").mkdir()
         (root / "tls" / "cert.pem").write_text("cert")
@@ -376,7 +376,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
     shutil.copy(EXAMPLE, tmp_path / "lb.toml")
     key = write_key_file(tmp_path / "keys" / "echo-0.key")
     write_key_file(tmp_path / "fallback.key")
-    (tmp_path / "admin.token").write_text("t0ken\n")
+    (tmp_path / "admin.token").write_text("t0ken-0123456789abcdef\n")
     (tmp_path / "admin.token").chmod(0o600)
     config = load_config(tmp_path / "lb.toml")
     assert config.lb.inside == ("127.0.0.1", 4434)
@@ -491,7 +491,7 @@ def test_unknown_key_in_toml_text(tmp_path: Path) -> None:
     shutil.copy(EXAMPLE, tmp_path / "lb.toml")
     write_key_file(tmp_path / "keys" / "echo-0.key")
     write_key_file(tmp_path / "fallback.key")
-    (tmp_path / "admin.token").write_text("t\n")
+    (tmp_path / "admin.token").write_text("t-0123456789abcdef\n")
     (tmp_path / "admin.token").chmod(0o600)
     text = (tmp_path / "lb.toml").read_text().replace("nonce_len = 14", "nonse_len = 14")
     (tmp_path / "lb.toml").write_text(text)
@@ -509,7 +509,7 @@ def example_dir(tmp_path: Path) -> Path:
     shutil.copy(EXAMPLE, root / "lb.toml")
     write_key_file(root / "keys" / "echo-0.key")
     write_key_file(root / "fallback.key")
-    (root / "admin.token").write_text("t0ken\n")
+    (root / "admin.token").write_text("t0ken-0123456789abcdef\n")
     (root / "admin.token").chmod(0o600)
     return root
 

@@ -85,7 +85,7 @@ def write_golden(root: Path) -> Path:
         path.write_text(key + "\n")
         path.chmod(0o600)
     token = root / "admin.token"
-    token.write_text("tok\n")
+    token.write_text("tok-0123456789abcdef\n")
     token.chmod(0o600)
     (root / "tls" / "cert.pem").write_text("c")
     (root / "tls" / "key.pem").write_text("k")

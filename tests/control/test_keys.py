@@ -159,13 +159,14 @@ def test_read_refuses_huge_file(tmp_path: Path) -> None:
 
 
 def test_token_roundtrip(tmp_path: Path) -> None:
-    assert read_token_file(_private(tmp_path / "t", "  s3cr3t-Token_x\n")) == "s3cr3t-Token_x"
+    assert read_token_file(_private(tmp_path / "t", "  s3cr3t-Token_x-0123\n")) == "s3cr3t-Token_x-0123"
 
 
 @pytest.mark.parametrize(
     ("text", "match"),
-    [("", "empty"), (" \n\t", "empty"), ("two words", "visible ASCII"), ("tok\x01en", "visible ASCII")],
-    ids=["empty", "blank", "space", "control"],
+    [("", "empty"), (" \n\t", "empty"), ("two words", "visible ASCII"), ("tok\x01en", "visible ASCII"),
+     ("fifteen-chars-x", "at least 16")],
+    ids=["empty", "blank", "space", "control", "short"],
 )
 def test_token_rejects_bad_content(tmp_path: Path, text: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -173,9 +174,9 @@ def test_token_rejects_bad_content(tmp_path: Path, text: str, match: str) -> Non
 
 
 def test_token_refuses_world_readable(tmp_path: Path) -> None:
-    path = _private(tmp_path / "t", "sekrit-token")
+    path = _private(tmp_path / "t", "sekrit-token-0123456")
     path.chmod(0o644)
     with pytest.raises(ConfigError) as info:
         read_token_file(path)
     assert "chmod 600" in str(info.value)
-    assert "sekrit-token" not in str(info.value)
+    assert "sekrit-token-0123456" not in str(info.value)
