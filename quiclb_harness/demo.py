@@ -8,8 +8,10 @@ What it does, in under a minute:
 3. drives HTTP/3 clients through the VIP: handshake (the LB's keyed fallback
    picks a backend), ``GET /`` (the page names the backend that served it),
    then echo after a CID change, a NAT rebinding (new port), an active
-   migration (new address 127.0.0.2 and new CID) and a kill -9 + restart of
-   the LB in the middle of the traffic;
+   migration (new address 127.0.0.2 and new CID), and a kill -9 of the LB
+   while every client is in the middle of a download (``GET /bytes/N``),
+   restarted with nothing handed over: the downloads finish on the same
+   connections;
 4. prints what went where and which promises held, and exits 0 only if all did.
 
 Every CID a backend issues is decoded with the LB's own decoder and compared
@@ -22,21 +24,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import decode_server_id
 from quiclb_harness.admin_client import metric_sum
 from quiclb_harness.quic_cluster import QuicCluster
 
+if TYPE_CHECKING:
+    from backends.client import EchoClient
+
 CLIENTS = 24  # with 3 backends, P(a backend gets no handshake) = 3 * (2/3)^24 < 0.03%
 Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 REQUEST_TIMEOUT = 5.0
+#: Bytes each client downloads across the LB's kill -9: long enough to be in flight at the kill.
+DOWNLOAD_BYTES = 256 * 1024
+#: A download spans the LB's restart (about a second) and QUIC's loss recovery after it.
+DOWNLOAD_TIMEOUT = 15.0
 
 
 @dataclass
@@ -66,7 +77,51 @@ async def _echo_check(client: object, payload: bytes) -> None:
         raise RuntimeError("echo mismatch")
 
 
-async def _drive(cluster: QuicCluster, cfg: CidConfig) -> tuple[list[ClientReport], float, Metrics]:
+@dataclass
+class KillReport:
+    gap: float = 0.0  # seconds from kill -9 to the new LB's READY
+    downloads: int = 0  # downloads started before the kill
+    in_flight: int = 0  # of them, still unfinished when the LB was killed
+    completed: int = 0  # of them, finished intact on their original connection
+
+
+async def _download(client: EchoClient) -> bool:
+    response = await client.request("GET", f"/bytes/{DOWNLOAD_BYTES}", timeout=DOWNLOAD_TIMEOUT)
+    return response.status == 200 and len(response.body) == DOWNLOAD_BYTES
+
+
+async def _kill_during_downloads(
+    cluster: QuicCluster, clients: list[EchoClient | None], reports: list[ClientReport]
+) -> KillReport:
+    """Start a download on every client, kill -9 the LB once all requests are on the wire, restart it."""
+    loop = asyncio.get_running_loop()
+    live = {i: c for i, c in enumerate(clients) if c is not None and reports[i].error is None}
+    sent_before = {i: c.wire.datagrams_sent for i, c in live.items()}
+    tasks = {i: asyncio.ensure_future(_download(c)) for i, c in live.items()}
+    deadline = loop.time() + REQUEST_TIMEOUT
+    # Bounded wait until every client has sent its request: then the LB is killed mid-transfer.
+    while any(c.wire.datagrams_sent == sent_before[i] for i, c in live.items()) and loop.time() < deadline:
+        await asyncio.sleep(0.001)
+    lb = cluster.live_lbs()[0]
+    killed_at = time.monotonic()
+    in_flight = sum(not t.done() for t in tasks.values())
+    lb.signal(signal.SIGKILL)  # synchronously: no reply is processed between the count and the kill
+    await loop.run_in_executor(None, cluster.restart_lb, lb)
+    report = KillReport(gap=time.monotonic() - killed_at, downloads=len(tasks), in_flight=in_flight)
+    for i, task in tasks.items():
+        try:
+            ok = await task
+        except Exception as exc:  # report, never crash the demo: this is the result
+            reports[i].error = f"download across LB kill -9: {exc}"
+            continue
+        if ok:
+            report.completed += 1
+        else:
+            reports[i].error = "download across LB kill -9: wrong status or length"
+    return report
+
+
+async def _drive(cluster: QuicCluster, cfg: CidConfig) -> tuple[list[ClientReport], KillReport, Metrics]:
     from backends.client import EchoClient  # noqa: PLC0415 - aioquic only for the demo
 
     vip = cluster.dep.vip()
@@ -100,11 +155,11 @@ async def _drive(cluster: QuicCluster, cfg: CidConfig) -> tuple[list[ClientRepor
     await asyncio.gather(*(open_client(i) for i in range(CLIENTS)))
     for name, action in (("CID change", "cid"), ("NAT rebinding", "rebind"), ("migration", "migrate")):
         await asyncio.gather(*(step(i, name, action) for i in range(CLIENTS)))
-    # The LB dies hard mid-connection; a fresh process takes over with no state handed over.
-    lb = cluster.live_lbs()[0]
+    # The LB dies hard in the middle of every client's download; a fresh process takes over with
+    # no state handed over, and the downloads finish on their connections.
     loop = asyncio.get_running_loop()
     before = await loop.run_in_executor(None, cluster.lb_metrics)
-    _, gap = await loop.run_in_executor(None, cluster.restart_lb, lb)
+    killed = await _kill_during_downloads(cluster, clients, reports)
     await asyncio.gather(*(step(i, "after LB kill -9", "") for i in range(CLIENTS)))
     for i, c in enumerate(clients):
         if c is None:
@@ -114,7 +169,7 @@ async def _drive(cluster: QuicCluster, cfg: CidConfig) -> tuple[list[ClientRepor
         r.cids_issued = len(c.wire.server_cids)
         r.cid_owner = {(decode_server_id(cfg, x) or b"\xff\xff").hex() for x in cids}
         await c.close(wait=False)
-    return reports, gap, before
+    return reports, killed, before
 
 
 
@@ -132,7 +187,7 @@ def _print_counters(title: str, samples: Metrics, sids: list[str]) -> tuple[floa
     return rx, routed, fallback, dropped
 
 
-def _print_report(cluster: QuicCluster, reports: list[ClientReport], gap: float, before: Metrics) -> bool:
+def _print_report(cluster: QuicCluster, reports: list[ClientReport], killed: KillReport, before: Metrics) -> bool:
     out = sys.stdout
     sids = cluster.server_ids
     print("\nWhat went where (backend = server ID on the page each request got):", file=out)
@@ -146,7 +201,7 @@ def _print_report(cluster: QuicCluster, reports: list[ClientReport], gap: float,
                 + "  ".join(f"{c:>16}" for c in cells))
         print(line + (f"   ERROR {r.error}" if r.error else ""), file=out)
 
-    sums = [_print_counters("The first LB's counters, read just before it was killed:", before, sids)]
+    sums = [_print_counters("The first LB's counters, read before the downloads it died in:", before, sids)]
     sums.append(_print_counters("The restarted LB's counters (it only saw traffic after the restart):",
                                 cluster.lb_metrics(), sids))
     unknown = {sid: int(b.stats()["unknown_cid_packets"]) for sid, b in cluster.backends.items()}
@@ -160,8 +215,10 @@ def _print_report(cluster: QuicCluster, reports: list[ClientReport], gap: float,
         ("connections spread over all backends by the keyed fallback", set(share) == set(sids)),
         ("CID changes, NAT rebinding and migration kept every connection on its backend",
          all(r.kept_backend for r in ok) and bool(ok)),
-        (f"LB kill -9 + restart ({gap * 1000:.0f} ms gap) lost no connection",
-         all("after LB kill -9" in r.steps for r in reports)),
+        (f"LB kill -9 with {killed.in_flight} of {killed.downloads} downloads ({DOWNLOAD_BYTES // 1024} KB) in "
+         f"flight + restart ({killed.gap * 1000:.0f} ms gap): all finished, no connection lost, no new handshake",
+         killed.in_flight > 0 and killed.completed == killed.downloads == len(reports)
+         and all("after LB kill -9" in r.steps for r in reports) and sums[1][2] == 0),
         ("no datagram reached a backend that did not own its CID (unknown-CID counters 0)",
          all(v == 0 for v in unknown.values())),
         ("LB counters add up: received = routed + fallback + dropped",
@@ -192,8 +249,8 @@ def run_demo(workdir: Path | None = None, keep: bool = False) -> int:
         print(f"  QUIC-LB config 0: {cfg.mode.value} AES-128 (fresh key), server ID 2 bytes, "
               f"nonce 14 bytes, CIDs of {cfg.cid_len} bytes")
         print(f"  {CLIENTS} HTTP/3 clients (aioquic) connect through the VIP ...")
-        reports, gap, before = asyncio.run(_drive(cluster, cfg))
-        held = _print_report(cluster, reports, gap, before)
+        reports, killed, before = asyncio.run(_drive(cluster, cfg))
+        held = _print_report(cluster, reports, killed, before)
     finally:
         cluster.close()
         if not keep and workdir is None:
