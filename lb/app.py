@@ -222,10 +222,17 @@ async def serve(
     *,
     admin: bool = True,
     io: str = "asyncio",
+    reload_requested: Callable[[], bool] | None = None,
 ) -> None:
-    """Run one LB process until SIGTERM/SIGINT (``admin=False``: no admin API, for extra workers)."""
+    """Run one LB process until SIGTERM/SIGINT (``admin=False``: no admin API, for extra workers).
+
+    ``reload_requested``: whether a SIGHUP arrived before the event loop could take it (the
+    CLI catches it while it loads the configuration); it is then applied right after start.
+    """
     lb = LoadBalancer(config, admin=admin, io=io, ring_workers=ring_executor)
     lb.install_signal_handlers()
+    if reload_requested is not None and reload_requested():
+        lb.reloader.request()
     try:
         await lb.start()
         if ready is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -160,6 +161,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # A SIGHUP before the event loop owns the signal (while the configuration loads) would kill
+    # the process with the default action: note it, and apply it as a reload once started.
+    early_sighups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _frame: early_sighups.append(signum))
     if not 1 <= args.workers <= MAX_WORKERS:
         raise UsageError(f"--workers: must be 1..{MAX_WORKERS}, got {args.workers}")
     if not 0 < args.ready_timeout <= MAX_READY_TIMEOUT:
@@ -189,7 +194,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{tag} pid={os.getpid()} inside={format_address(cfg.lb.inside)} vips={vips} admin={admin}",
               flush=True)
 
-    run(serve(cfg, ready, admin=not args.no_admin, io=args.io), loop=args.loop)
+    run(serve(cfg, ready, admin=not args.no_admin, io=args.io, reload_requested=lambda: bool(early_sighups)),
+        loop=args.loop)
     return EXIT_OK
 
 

@@ -34,6 +34,8 @@ class DatapathCounters(Protocol):
     @property
     def rx_client_datagrams(self) -> int: ...
     @property
+    def rx_backend_datagrams(self) -> int: ...
+    @property
     def tx_to_backend(self) -> Mapping[tuple[str, str], int]: ...
     @property
     def backend_unreachable(self) -> Mapping[tuple[str, str], int]: ...
@@ -186,7 +188,11 @@ def gather_snapshot(
     extra: Mapping[str, int],
 ) -> LbSnapshot:
     """One :class:`LbSnapshot` from every component's own ``stats()``."""
-    adapter = {"tx_to_client_errors": datapath.tx_to_client_errors, **extra}
+    # What the sockets received before any routing: with the drops below, the end-to-end sum
+    # quiclb_adapter_rx_client_datagrams = sum of the routers' outcomes + adapter drops holds.
+    adapter = {"tx_to_client_errors": datapath.tx_to_client_errors,
+               "rx_client_datagrams": datapath.rx_client_datagrams,
+               "rx_backend_datagrams": datapath.rx_backend_datagrams, **extra}
     adapter.update({f"drop_{reason}": n for reason, n in datapath.drops.items()})
     adapter.update({f"socket_errors_{role}": n for role, n in datapath.socket_errors.items()})
     return LbSnapshot(
