@@ -73,8 +73,9 @@ class LoopbackLb:
 
     cid_configs: Sequence[CidConfig] = (TEST_CID_CONFIG,)
     counters: Counter[str] = field(default_factory=Counter)
-    #: Client address -> server IDs its datagrams were routed to (tests only; not used to route).
-    routed: dict[Address, set[bytes]] = field(default_factory=dict)
+    #: (client address, server ID) of every forwarded datagram, in order (tests only; not used to
+    #: route). A log, not a map: ephemeral ports are reused by later connections.
+    route_log: list[tuple[Address, bytes]] = field(default_factory=list)
     vip: Address = ("", 0)
     inside: Address = ("", 0)
 
@@ -139,7 +140,7 @@ class LoopbackLb:
             self.counters["unroutable"] += 1
             return
         self.counters["cid_routed" if outcome is Outcome.CID_ROUTED else "fallback"] += 1
-        self.routed.setdefault(client, set()).add(backend.server_id)
+        self.route_log.append((client, backend.server_id))
         self._inside_transport.sendto(self._encoder.encapsulate(client, self.vip, data), backend.address)
 
     def _from_backend(self, data: bytes, source: Address) -> None:
