@@ -16,7 +16,7 @@ import asyncio
 import ctypes
 import socket
 from array import array
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import TYPE_CHECKING, cast
 
 from lb.adapters.mmsg import (
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from lb.adapters.mmsg_datapath import MmsgDatapath
 
 _BACKEND = itemgetter(1)  # of a RouteDecision
-_LABEL = attrgetter("label")
 
 
 class Destinations:
@@ -190,13 +189,13 @@ class MmsgVipPort:
                 self._refresh_destinations(router.table)
             dests = self._dests
             backends = list(map(_BACKEND, decisions))
-            if None not in backends:
+            if all(backends):  # not `None in`: that calls the dataclass's Python __eq__ per item
                 # Every datagram forwarded (the steady state): message i sends slot i, so only the
                 # destinations and the payload lengths change, written by two strided copies.
                 if self._compacted:
                     words[2 : batch << 3 : 8] = self._slot_iov_ptrs
                     self._compacted = False
-                words[0 : n << 3 : 8] = array("Q", map(dests.__getitem__, map(_LABEL, backends)))
+                words[0 : n << 3 : 8] = array("Q", [dests[b.label] for b in backends])
                 iov_words[11 : 12 * n : 12] = array("Q", lengths)
                 j = n
             else:

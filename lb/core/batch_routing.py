@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from operator import attrgetter
 
 from lb.core.addresses import Address
 from lb.core.cid_decoder import ConfigDecoder
@@ -32,7 +31,6 @@ from lb.errors import MalformedDatagram
 
 #: Placeholder in a batch's decision list until the decision is made (never returned).
 _PENDING: RouteDecision = (Outcome.MALFORMED_DROPPED, None)
-_DECISION = attrgetter("decision")
 #: First octets of short headers with the fixed bit (RFC 9000 §17.3): 0b01xxxxxx.
 _SHORT_WITH_FIXED_BIT = bytes(range(0x40, 0x80))
 #: The DCID's first octets of each config ID (its top three bits, draft -21 §3).
@@ -174,7 +172,9 @@ class BatchRouting:
             slices = self._dcid_slices[(stride, dec.cid_len)] = [
                 slice(i * stride + 1, i * stride + 1 + dec.cid_len) for i in range(max(n, 64))
             ]
-        dcids = list(map(raw.__getitem__, slices[:n]))
+        # Comprehensions and map() as measured fastest for each (a slice through the ctypes
+        # buffer's __getitem__ costs more through map's method wrapper; dict.get less).
+        dcids = [raw[cut] for cut in slices[:n]]
         routes = list(map(self._cache.get, dcids))
         if None not in routes:
             # A datagram of another configuration was cut at this one's DCID length, which no
@@ -185,7 +185,7 @@ class BatchRouting:
             log += routes  # type: ignore[arg-type]  # no None: checked above
             if len(log) > HIT_LOG_FOLD:
                 self.count_logged_hits()
-            return list(map(_DECISION, routes))
+            return [route.decision for route in routes]  # type: ignore[union-attr]  # no None: checked
         if seconds.translate(None, _CONFIG_OCTETS[config_id]):  # misses of several configurations: step 2
             return None
         self._rx += n
