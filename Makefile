@@ -77,6 +77,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench: $(BENCH_STAMP) bench-nginx ## micro-benchmarks, Maglev quality, then the full load set (~15 min); JSON + PNG in bench/results/
 	$(PY) bench/micro_codec.py --save
 	$(PY) bench/micro_router.py --save
+	$(PY) bench/micro_datapath.py --save
 	$(PY) bench/hash_quality.py --save
 	$(PY) bench/load_bench.py --full
 
