@@ -88,6 +88,15 @@ def test_keygen_prints_distinct_keys() -> None:
     assert len(bytes.fromhex(a)) == 16 and a != b
 
 
+@pytest.mark.parametrize("fallback_key", [True, False], ids=["fallback_key_file", "derived"])
+def test_check_config_flags_a_public_fallback_key(tmp_path: Path, fallback_key: bool) -> None:
+    dep = Deployment(tmp_path, [ServiceSpec(backends=[BackendSpec("0001")])], admin=False, fallback_key=fallback_key)
+    dep.write()
+    ok = quiclb("check-config", "-c", str(dep.path))
+    assert ok.returncode == 0, ok.stderr
+    assert ("fallback key PUBLIC" in ok.stdout) is not fallback_key, ok.stdout
+
+
 def test_check_config_reports_ok_and_names_the_bad_key(tmp_path: Path) -> None:
     dep = Deployment(tmp_path, [ServiceSpec(backends=[BackendSpec("0001")])], admin=False)
     dep.write()
