@@ -23,11 +23,8 @@ from collections.abc import Callable, Sequence
 
 from lb.core.addresses import Address
 from lb.core.cid_decoder import ConfigDecoder
-from lb.core.outcomes import ByteSlicer, CidRoute, Outcome, RouteDecision
-from lb.core.quic_constants import MIN_INITIAL_DATAGRAM
-from lb.core.quic_header import parse_routing_fields_untrusted
+from lb.core.outcomes import ByteSlicer, CidRoute, LongHeader, Outcome, RouteDecision
 from lb.core.service_table import Backend, ServiceTable
-from lb.errors import MalformedDatagram
 
 #: Placeholder in a batch's decision list until the decision is made (never returned).
 _PENDING: RouteDecision = (Outcome.MALFORMED_DROPPED, None)
@@ -61,6 +58,9 @@ class BatchRouting:
         raise NotImplementedError
 
     def _fallback(self, outcome: Outcome, client: Address) -> RouteDecision:
+        raise NotImplementedError
+
+    def _check_long_header(self, datagram: bytes) -> RouteDecision | LongHeader:
         raise NotImplementedError
 
     def _unroutable_short(self, fallback: Outcome, drop: Outcome, client: Address) -> RouteDecision:
@@ -210,21 +210,11 @@ class BatchRouting:
         long_reasons: dict[int, Outcome],
     ) -> RouteDecision | None:
         """Steps 1-5 for a long header; None when its DCID joins the batch's cache misses."""
-        table = self.table
-        try:
-            fields = parse_routing_fields_untrusted(datagram, table.supported_versions)
-        except MalformedDatagram as exc:
-            return self._malformed_drop(exc.reason)
-        version = fields.version
-        if version == 0:
-            return self._drop(Outcome.VN_DROPPED)
-        supported = version in table.supported_versions
-        if not supported and len(datagram) < MIN_INITIAL_DATAGRAM:
-            return self._drop(Outcome.SMALL_UNKNOWN_VERSION_DROPPED)
-        dcid = fields.dcid
-        reason = Outcome.FALLBACK_INITIAL if supported else Outcome.FALLBACK_UNKNOWN_VERSION
-        dec = table.decoder.by_config_id[dcid[0] >> 5] if dcid else None
-        if dec is None or len(dcid) < dec.cid_len:
+        checked = self._check_long_header(datagram)
+        if not isinstance(checked, LongHeader):
+            return checked
+        dcid, dec, reason, supported = checked
+        if dec is None:
             return self._fallback(reason, client_at(i))
         key = dcid[: dec.cid_len]
         route = self._cache.get(key)

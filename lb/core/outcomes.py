@@ -10,8 +10,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
+from lb.core.cid_decoder import ConfigDecoder
 from lb.core.service_table import Backend
 
 
@@ -94,3 +95,16 @@ class CidRoute:
         self.label = backend.label
         self.count = 0
         self.decision: RouteDecision = (Outcome.CID_ROUTED, backend)
+
+
+class LongHeader(NamedTuple):
+    """What a long header that passed the cheap checks is routed by."""
+
+    dcid: bytes
+    #: The decoder its config bits name, or None when they name no live configuration or the
+    #: DCID is too short for it (then the fallback, by ``reason``).
+    decoder: ConfigDecoder | None
+    #: The fallback outcome if the DCID does not lead to a backend.
+    reason: Outcome
+    supported: bool  # the version is one the backends speak
+

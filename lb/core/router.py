@@ -37,7 +37,7 @@ from collections import Counter, OrderedDict
 from lb.core.addresses import Address
 from lb.core.batch_routing import BatchRouting
 from lb.core.maglev import four_tuple_key
-from lb.core.outcomes import OUTCOMES, CidRoute, Outcome, RouteDecision, RouterStats
+from lb.core.outcomes import OUTCOMES, CidRoute, LongHeader, Outcome, RouteDecision, RouterStats
 from lb.core.quic_constants import MIN_INITIAL_DATAGRAM
 from lb.core.quic_header import parse_routing_fields_untrusted
 from lb.core.service_table import Backend, ServiceTable
@@ -127,20 +127,11 @@ class Router(BatchRouting):
                 )
             return self._cid_route(dcid, dec.cfg.config_id, backend)
 
-        try:
-            fields = parse_routing_fields_untrusted(datagram, table.supported_versions)
-        except MalformedDatagram as exc:
-            return self._malformed_drop(exc.reason)
-        version = fields.version
-        if version == 0:
-            return self._drop(Outcome.VN_DROPPED)
-        supported = version in table.supported_versions
-        if not supported and size < MIN_INITIAL_DATAGRAM:
-            return self._drop(Outcome.SMALL_UNKNOWN_VERSION_DROPPED)
-        dcid = fields.dcid
-        reason = Outcome.FALLBACK_INITIAL if supported else Outcome.FALLBACK_UNKNOWN_VERSION
-        dec = table.decoder.by_config_id[dcid[0] >> 5] if dcid else None
-        if dec is not None and len(dcid) >= dec.cid_len:
+        checked = self._check_long_header(datagram)
+        if not isinstance(checked, LongHeader):
+            return checked
+        dcid, dec, reason, supported = checked
+        if dec is not None:
             key = dcid[: dec.cid_len]
             route = self._cache.get(key)
             if route is not None:
@@ -155,6 +146,26 @@ class Router(BatchRouting):
         return self._fallback(reason, client)
 
     # -- outcomes -------------------------------------------------------------
+
+    def _check_long_header(self, datagram: bytes) -> RouteDecision | LongHeader:
+        """Steps 1-3 for a long header (shared by both entry points): a drop, or what to route by."""
+        table = self.table
+        try:
+            fields = parse_routing_fields_untrusted(datagram, table.supported_versions)
+        except MalformedDatagram as exc:
+            return self._malformed_drop(exc.reason)
+        version = fields.version
+        if version == 0:
+            return self._drop(Outcome.VN_DROPPED)
+        supported = version in table.supported_versions
+        if not supported and len(datagram) < MIN_INITIAL_DATAGRAM:
+            return self._drop(Outcome.SMALL_UNKNOWN_VERSION_DROPPED)
+        dcid = fields.dcid
+        reason = Outcome.FALLBACK_INITIAL if supported else Outcome.FALLBACK_UNKNOWN_VERSION
+        dec = table.decoder.by_config_id[dcid[0] >> 5] if dcid else None
+        if dec is not None and len(dcid) < dec.cid_len:
+            dec = None  # too short for its configuration: as unroutable as an unknown one
+        return LongHeader(dcid, dec, reason, supported)
 
     def _cid_route(self, dcid: bytes, config_id: int, backend: Backend) -> RouteDecision:
         """A decoded (cache-miss) CID route: count it and remember the DCID."""

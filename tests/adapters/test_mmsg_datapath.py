@@ -13,11 +13,13 @@ import errno
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import pytest
 
 from lb.adapters.mmsg import LIBC, mmsg_available
 from lb.adapters.mmsg_datapath import MmsgDatapath
+from lb.adapters.mmsg_forward import MmsgVipPort
 from lb.core.addresses import Address
 from lb.core.cid_config import CidConfig
 from lb.core.cid_encoder import encode_cid
@@ -55,6 +57,27 @@ def table(vip: Address, backends: list[socket.socket], *, name: str = "svc") -> 
 
 def cid_of(k: int, seed: int = 0) -> bytes:
     return encode_cid(CFG, server_id=k.to_bytes(2, "big"), nonce=seed.to_bytes(14, "big"))
+
+
+class Rig(NamedTuple):
+    datapath: MmsgDatapath
+    return_path: ReturnPath
+    router: Router
+    port: MmsgVipPort
+    vip: Address
+    inside: Address
+
+
+async def open_rig(backends: list[socket.socket], host: str = "127.0.0.1") -> Rig:
+    """A batched datapath with one service ("svc") whose backends 0001.. are ``backends``."""
+    vip, inside = (host, free_port(host)), (host, free_port(host))
+    tbl = table(vip, backends)
+    return_path = ReturnPath([tbl], own_addresses=[inside])
+    datapath = MmsgDatapath()
+    await datapath.open_inside(inside, return_path)
+    router = Router(tbl)
+    port = await datapath.open_vip("svc", vip, router)
+    return Rig(datapath, return_path, router, port, vip, inside)
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -193,12 +216,7 @@ def test_a_full_socket_buffer_is_counted_as_dropped(monkeypatch: pytest.MonkeyPa
     # EAGAIN that outlasts the 1 ms wait: every datagram left in the batch is a counted drop.
     async def body() -> None:
         with sockets(udp(), udp()) as (b1, client):
-            vip, inside = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
-            tbl = table(vip, [b1])
-            dp = MmsgDatapath()
-            await dp.open_inside(inside, ReturnPath([tbl], own_addresses=[inside]))
-            router = Router(tbl)
-            port = await dp.open_vip("svc", vip, router)
+            dp, _, _router, port, vip, _ = await open_rig([b1])
             # sendmmsg refuses everything with EAGAIN (a full socket buffer).
             assert LIBC is not None
             monkeypatch.setattr(LIBC, "sendmmsg", lambda fd, msgs, count, flags: -1)
@@ -220,12 +238,7 @@ def test_a_full_socket_buffer_is_counted_as_dropped(monkeypatch: pytest.MonkeyPa
 def test_adapter_rx_equals_router_outcomes_plus_adapter_drops() -> None:
     async def body() -> None:
         with sockets(udp(), udp()) as (b1, client):
-            vip, inside = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
-            tbl = table(vip, [b1])
-            dp = MmsgDatapath()
-            await dp.open_inside(inside, ReturnPath([tbl], own_addresses=[inside]))
-            router = Router(tbl)
-            await dp.open_vip("svc", vip, router)
+            dp, _, router, _port, vip, _ = await open_rig([b1])
             mix = [b"", b"\x00", short_header(cid_of(1)), short_header(cid_of(7)), initial(1, b"\x01" * 8, b"")]
             for i in range(200):
                 client.sendto(mix[i % len(mix)], vip)
@@ -267,12 +280,7 @@ def test_a_batch_with_drops_then_a_clean_batch_each_send_their_own_slots() -> No
     # the next batch with no drop must send slot i as message i again, not the packed layout.
     async def body() -> None:
         with sockets(udp(), udp()) as (b1, client):
-            vip, inside = ("127.0.0.1", free_port()), ("127.0.0.1", free_port())
-            tbl = table(vip, [b1])
-            dp = MmsgDatapath()
-            await dp.open_inside(inside, ReturnPath([tbl], own_addresses=[inside]))
-            router = Router(tbl)
-            await dp.open_vip("svc", vip, router)
+            dp, _, _router, _port, vip, _ = await open_rig([b1])
             got: list[bytes] = []
             sent: list[bytes] = []
             for rnd in range(6):
