@@ -114,6 +114,9 @@ class LoadBalancer:
         self.reloader.mark_started()
         log.info("serving %d service(s); inside %s; config version %d digest %s",
                  len(cfg.services), format_address(cfg.lb.inside), cfg.version, cfg.digest[:16])
+        if cfg.lb.fallback_key_file is None:  # lb.control.config.derive_fallback_key: stable but public
+            log.warning("no lb.fallback_key_file: the fallback hash key is derived from the service name, so "
+                        "clients can aim Initials at a backend; create one with `quiclb keygen -o fallback.key`")
 
     async def _start_admin(self, cfg: LbConfig) -> None:
         from lb.control.admin_http import AdminServer  # noqa: PLC0415 - only when configured

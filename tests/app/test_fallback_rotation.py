@@ -93,3 +93,16 @@ def test_the_fallback_key_file_is_what_places_initials(tmp_path: Path) -> None:
             await cluster.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("fallback_key_file", [True, False], ids=["fallback_key_file", "derived-key"])
+def test_a_public_fallback_key_is_logged_at_start(
+    tmp_path: Path, fallback_key_file: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        cluster = await start_cluster(make_deployment(tmp_path, fallback_key=fallback_key_file))
+        await cluster.stop()
+
+    with caplog.at_level("WARNING", logger="quiclb"):
+        asyncio.run(main())
+    assert any("no lb.fallback_key_file" in r.getMessage() for r in caplog.records) is not fallback_key_file
