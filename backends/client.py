@@ -33,12 +33,11 @@ and hang (aioquic-integration pitfall).
 from __future__ import annotations
 
 import asyncio
-import collections
 import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol, QuicStreamHandler
@@ -47,9 +46,9 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent, StreamDataReceived
-from aioquic.quic.logger import QuicLogger, QuicLoggerTrace
 
 from backends.apps import ECHO_ALPN
+from backends.client_wire import FrameLogger, WireRecord
 from backends.routable_cids import current_peer_cid, peer_cids
 from lb.core.addresses import Address, ip_version
 
@@ -59,81 +58,6 @@ DEFAULT_TIMEOUT = 5.0
 
 class ClientError(Exception):
     """The connection failed, closed, or a request timed out."""
-
-
-@dataclass
-class WireRecord:
-    """What one client connection saw on the wire (see the module docstring)."""
-
-    #: Distinct DCIDs of short-header packets sent, in first-use order.
-    sent_short_dcids: list[bytes] = field(default_factory=list)
-    #: DCIDs of long-header packets sent (the client's random Initial DCID, then the server's SCID).
-    sent_long_dcids: set[bytes] = field(default_factory=set)
-    #: Server-issued CIDs by sequence number (0 = handshake SCID), from the peer-CID list.
-    server_cids: dict[int, bytes] = field(default_factory=dict)
-    #: CIDs of NEW_CONNECTION_ID frames received, by sequence number (from decoded frames).
-    new_connection_id_frames: dict[int, bytes] = field(default_factory=dict)
-    #: Frame types received, counted (e.g. ``path_challenge``).
-    frames_received: collections.Counter[str] = field(default_factory=collections.Counter)
-    #: Local addresses the client has sent from, in order.
-    local_addresses: list[Address] = field(default_factory=list)
-    datagrams_sent: int = 0
-    datagrams_received: int = 0
-
-    @property
-    def path_challenges_received(self) -> int:
-        return self.frames_received["path_challenge"]
-
-
-class _FrameTrace(QuicLoggerTrace):
-    """A qlog trace that keeps no events, only the received frames we care about.
-
-    aioquic logs ``packet_received`` before it parses the frames and appends
-    them to the logged list afterwards, so lists are collected here and read
-    when the next packet or datagram arrives, or when the client asks.
-    """
-
-    def __init__(self, *, is_client: bool, odcid: bytes, record: WireRecord) -> None:
-        super().__init__(is_client=is_client, odcid=odcid)
-        self._record = record
-        self._pending: list[list[dict[str, Any]]] = []
-
-    def log_event(self, *, category: str, event: str, data: dict[str, Any]) -> None:
-        # Other events (key updates, metrics) are logged while a packet's frames are
-        # still being parsed; a new packet or datagram means the previous one is done.
-        if event in ("packet_received", "datagrams_received"):
-            self.flush()
-        if event == "packet_received":
-            frames = data.get("frames")
-            if isinstance(frames, list):
-                self._pending.append(frames)
-
-    def flush(self) -> None:
-        record = self._record
-        for frames in self._pending:
-            for frame in frames:
-                frame_type = frame.get("frame_type", "")
-                record.frames_received[frame_type] += 1
-                if frame_type == "new_connection_id":
-                    record.new_connection_id_frames[int(frame["sequence_number"])] = bytes.fromhex(
-                        frame["connection_id"]
-                    )
-        self._pending.clear()
-
-
-class _FrameLogger(QuicLogger):
-    def __init__(self, record: WireRecord) -> None:
-        super().__init__()
-        self._record = record
-        self.trace: _FrameTrace | None = None
-
-    def start_trace(self, is_client: bool, odcid: bytes) -> QuicLoggerTrace:
-        self.trace = _FrameTrace(is_client=is_client, odcid=odcid, record=self._record)
-        return self.trace
-
-    def end_trace(self, trace: QuicLoggerTrace) -> None:
-        if isinstance(trace, _FrameTrace):
-            trace.flush()
 
 
 class SwitchableTransport(asyncio.DatagramTransport):
@@ -267,7 +191,7 @@ class EchoClient:
 
     def __init__(
         self, protocol: _ClientProtocol, *, remote: NetworkAddress, record: WireRecord,
-        frame_logger: _FrameLogger, timeout: float,
+        frame_logger: FrameLogger, timeout: float,
     ) -> None:
         self.protocol = protocol
         self._switch: SwitchableTransport | None = None
@@ -301,7 +225,7 @@ class EchoClient:
             local_host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
         remote: NetworkAddress = (host, port, 0, 0) if family == socket.AF_INET6 else (host, port)
         record = WireRecord()
-        frame_logger = _FrameLogger(record)
+        frame_logger = FrameLogger(record)
         config = QuicConfiguration(
             is_client=True, alpn_protocols=[alpn], server_name=server_name, idle_timeout=idle_timeout,
             quic_logger=frame_logger,
