@@ -31,6 +31,13 @@ install fails loudly when the internals look different, and
 ``tests/backends`` decodes every CID a backend issues, so an upgrade that
 moves the internals fails the test suite.
 
+:func:`release_connection` breaks the reference cycles a finished connection
+is made of (aioquic's frame-handler table of bound methods, its loss-recovery
+and TLS callbacks, ``QuicServer``'s ``functools.partial`` callbacks on the
+protocol, and the CID hook's own closures), so reference counting frees it the
+moment it ends instead of whenever the cyclic collector gets to it: the
+backend's GC tuning (``backends.cli.tune_gc``) makes that minutes or never.
+
 The client-side helpers at the end read the peer (server) CIDs a client
 connection holds; they serve the test client in :mod:`backends.client`.
 """
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.connection import NetworkAddress, QuicConnection
@@ -162,6 +170,35 @@ def is_live_cid(server: QuicServer, cid: bytes) -> bool:
 def live_cid_count(server: QuicServer) -> int:
     """Number of CIDs (host CIDs plus clients' original DCIDs) the server routes."""
     return len(server._protocols)
+
+
+def _ignore(*_args: object, **_kwargs: object) -> None:
+    """Stands in for the callbacks of a finished connection (none of them may run again)."""
+
+
+def release_connection(protocol: QuicConnectionProtocol) -> None:
+    """Cut every reference cycle of a terminated connection so that reference counting frees it.
+
+    Call once the protocol has seen ``ConnectionTerminated`` and the call that
+    delivered it has returned (from ``loop.call_soon``): by then ``QuicServer``
+    has dropped its CIDs, so no datagram can reach it, and its timer is off.
+    Afterwards the connection must not be used; ``tests/backends/test_connection_release.py``
+    runs connections with the collector disabled and fails if any one survives,
+    which is also what catches an aioquic upgrade adding a cycle.
+    """
+    for handle in (protocol._timer, protocol._transmit_task):
+        if handle is not None:
+            handle.cancel()  # a cancelled asyncio handle drops its bound method
+    protocol._timer = protocol._transmit_task = None
+    # functools.partial(..., protocol=protocol) from QuicServer: protocol -> partial -> protocol.
+    protocol._connection_id_issued_handler = _ignore
+    protocol._connection_id_retired_handler = _ignore
+    protocol._connection_terminated_handler = _ignore
+    # The connection is a web of cycles (its frame-handler table of bound methods, its loss
+    # recovery's probe callback, partials in its crypto contexts, TLS callbacks, our CID
+    # hooks). Emptying its __dict__ cuts them all at once, whatever an aioquic release adds,
+    # and anything that still touched the dead connection would fail loudly.
+    vars(protocol._quic).clear()
 
 
 def peer_cids(conn: QuicConnection) -> list[tuple[int, bytes]]:
