@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -101,16 +102,19 @@ class HealthChecker:
     # -- the loop -------------------------------------------------------------
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        # time.monotonic(), not loop.time(): uvloop's clock ticks in whole milliseconds (libuv's
+        # uv_now), which made every loopback probe RTT read 0 or 1.000 ms. Both are CLOCK_MONOTONIC.
+        clock = time.monotonic
         while True:
-            now = loop.time()
+            now = clock()
             changed = self.tracker.expire(now)
             for service, sid in changed:
                 log.warning("backend %s/%s is down: %d probes unanswered", service, sid.hex(), self.tracker.threshold)
             if changed:
                 self._on_change({service for service, _ in changed})
             self._send_due(now)
-            delay = self.tracker.next_wakeup(loop.time()) - loop.time()
+            now = clock()
+            delay = self.tracker.next_wakeup(now) - now
             await asyncio.sleep(min(max(delay, MIN_TICK_SECONDS), self.tracker.interval))
 
     def _send_due(self, now: float) -> None:
@@ -130,7 +134,7 @@ class HealthChecker:
         nonce = probe_reply_nonce_untrusted(data)
         if nonce is None:
             return
-        result = self.tracker.on_reply(nonce, asyncio.get_running_loop().time())
+        result = self.tracker.on_reply(nonce, time.monotonic())
         if result is not None and result[1]:
             service, sid = result[0]
             log.warning("backend %s/%s is up again", service, sid.hex())

@@ -363,6 +363,12 @@ def test_r17_crashed_backend_leaves_the_fallback_within_probe_interval_times_thr
         return bool({v["server_id"]: v["healthy"] for v in views}[sid])
 
     wait_until(lambda: all(healthy(s) for s in cluster.backends), 5.0, "all backends healthy")
+    # Probe RTTs are measured, not quantized: uvloop's loop.time() ticks in whole milliseconds,
+    # which once made every loopback RTT read 0 or 1.000 ms.
+    _, views = admin_json(admin, "/backends", token)
+    rtts = [v["last_probe_rtt"] for v in views]
+    assert all(r is not None and r > 0 for r in rtts), rtts
+    assert not all(round(r * 1000, 9).is_integer() for r in rtts), rtts
     victim = cluster.backends.pop("0002")
     victim_addr = victim.address
     victim.close()  # the backend process is gone: probes go unanswered
