@@ -114,3 +114,7 @@ bench-report: $(STAMP) ## regenerate the README's performance table from bench/r
 .PHONY: clean
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info
+
+.PHONY: soak
+soak: $(STAMP) ## R-21: 30 min of W(1000, 2 s) with a random fault every 30 s (QUICLB_SOAK_SEED replays, QUICLB_SOAK_SECONDS shortens)
+	$(VENV)/bin/pytest -m optin -s tests/end_to_end/test_r21_soak.py $(PYTEST_FLAGS)
