@@ -47,6 +47,7 @@ class BatchRouting:
     _routes: dict[tuple[int, bytes], CidRoute]
     _hit_log: list[CidRoute]
     _cipher_calls: int
+    _evictions: int
     _rx: int
     _dcid_slices: dict[tuple[int, int], list[slice]]
 
@@ -239,26 +240,39 @@ class BatchRouting:
     ) -> None:
         """Decode every missed DCID of a batch, one decoder call (one AES call per pass) per configuration."""
         table = self.table
-        groups: dict[int, tuple[ConfigDecoder, list[bytes]]] = {}
-        for dcid, (dec, _) in misses.items():
+        # config ID -> (decoder, the DCIDs missed, the datagram indices of each)
+        groups: dict[int, tuple[ConfigDecoder, list[bytes], list[list[int]]]] = {}
+        for dcid, (dec, indices) in misses.items():
             group = groups.get(dec.cfg.config_id)
             if group is None:
-                groups[dec.cfg.config_id] = (dec, [dcid])
+                groups[dec.cfg.config_id] = (dec, [dcid], [indices])
             else:
                 group[1].append(dcid)
+                group[2].append(indices)
         caching = self._cache_size > 0
-        for dec, dcids in groups.values():
-            passes = dec.cfg.lb_passes
-            for dcid, sid in zip(dcids, dec.decode_many(dcids), strict=True):
-                indices = misses[dcid][1]
-                backend = table.backends.get(sid) if sid is not None else None
-                if backend is not None:
-                    # Like the scalar path: the first datagram decodes and fills the cache,
-                    # the others of the batch are cache hits.
+        cache, cache_size, routes, backends = self._cache, self._cache_size, self._routes, table.backends
+        for dec, dcids, index_lists in groups.values():
+            passes, config_id = dec.cfg.lb_passes, dec.cfg.config_id
+            by_sid: dict[bytes | None, CidRoute] = {}  # this batch's routes, by server ID
+            for dcid, sid, indices in zip(dcids, dec.decode_many(dcids), index_lists, strict=True):
+                route = by_sid.get(sid)
+                if route is None and (backend := backends.get(sid) if sid is not None else None) is not None:
+                    route = routes.get((config_id, backend.server_id))
+                    if route is None:
+                        route = routes[(config_id, backend.server_id)] = CidRoute(config_id, backend)
+                    by_sid[sid] = route
+                if route is not None:
+                    # Like the scalar path: the first datagram decodes and fills the cache, the
+                    # others of the batch are cache hits. Router._cid_route and _remember, inlined:
+                    # a cold cache (1M DCIDs) comes through here for almost every datagram.
                     self._cipher_calls += passes if caching else passes * len(indices)
-                    decision = self._cid_route(dcid, dec.cfg.config_id, backend)
-                    route = self._routes[(dec.cfg.config_id, backend.server_id)]
-                    route.count += len(indices) - 1
+                    route.count += len(indices)
+                    if caching:
+                        if len(cache) >= cache_size:
+                            cache.popitem(last=False)  # the oldest
+                            self._evictions += 1
+                        cache[dcid] = route
+                    decision = route.decision
                     for i in indices:
                         out[i] = decision
                     continue
