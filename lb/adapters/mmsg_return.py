@@ -152,8 +152,10 @@ class MmsgInsidePort:
         keys = map(add, map(names.__getitem__, sources[:n]),
                    map(raw.__getitem__, self._header_slices[hlen][:n]))
         entries = list(map(self._accepted.get, keys))
-        if None in entries or (min(lengths) > hlen and max(ring.view[hlen:end:slot]) >= 0xC0):
-            return False  # a miss, or a handshake to look at: one by one
+        # A miss, or a handshake to look at, or an empty reply (whose slot's first payload
+        # octet is stale, so the handshake test cannot be read off the strided gather): one by one.
+        if None in entries or min(lengths) == hlen or max(ring.view[hlen:end:slot]) >= 0xC0:
+            return False
         ports = set(map(_PORT, entries))  # type: ignore[arg-type]  # no None: checked above
         if len(ports) != 1:
             return False

@@ -334,8 +334,16 @@ def test_cached_replies_leave_whole_and_handshakes_in_them_are_still_checked() -
             await until(lambda: rp.stats().tx_to_client == 42, "second batch")
             assert flips == [True]
             assert rp.stats().stale_config == {("svc", "0001"): True}
+            # The same with an empty reply in the batch: a good handshake must still clear the flag.
+            good = encode_cid(CFG, server_id=b"\x00\x01", nonce=bytes(14))
+            cleared = b"\xc0\x00\x00\x00\x01\x08" + bytes(8) + bytes([len(good)]) + good + bytes(30)
+            for p in [b"", *payloads[:3], cleared, *payloads[3:6]]:
+                b1.sendto(header + p, inside)
+            await until(lambda: rp.stats().tx_to_client == 50, "third batch")
+            assert flips == [True, False]
             s = rp.stats()
-            assert s.tx_client_bytes == sum(len(p) for p in [b"\x40warm", *payloads, *payloads[:10], handshake])
+            assert s.tx_client_bytes == sum(len(p) for p in [b"\x40warm", *payloads, *payloads[:10], handshake,
+                                                             *payloads[:6], cleared])
             dp.close()
 
     run(body)
