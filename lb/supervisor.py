@@ -9,6 +9,7 @@ the supervisor stops the others and exits 1 (one ``quiclb: error:`` line).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import selectors
 import signal
@@ -48,7 +49,8 @@ def supervise(worker_argv: list[str], workers: int, ready_timeout: float) -> int
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
         argv = base + ([] if index == 0 else ["--no-admin"])
-        return subprocess.Popen(argv, stdout=subprocess.PIPE)
+        # The supervisor is single-threaded, so preexec_fn is safe here.
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, preexec_fn=_exit_with_parent)  # noqa: PLW1509
 
     def wait_ready(p: subprocess.Popen[bytes]) -> str | None:
         """The worker's READY fields, or None if it died or was not ready in time (then it is killed)."""
@@ -128,3 +130,20 @@ def read_ready_line(p: subprocess.Popen[bytes], deadline: float) -> str | None:
             if not chunk:
                 return None  # EOF: it died before it was ready
             pending += chunk
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _exit_with_parent() -> None:
+    """In a worker, before exec: SIGTERM when the supervisor dies, even by SIGKILL.
+
+    Without it a supervisor killed with -9 left its workers serving the VIP (and holding
+    its port) with nobody to stop them. Linux only; elsewhere workers outlive a killed
+    supervisor as before.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+

@@ -8,6 +8,7 @@ one line and exit 1; ``run --reuse-port`` joins a running group on purpose
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 from quiclb_harness.deployment import BackendSpec, Deployment, ServiceSpec
 from quiclb_harness.processes import ManagedProcess, start_lb
+from quiclb_harness.waiting import wait_until
 
 #: Today's code joins the group and runs until killed: a bounded wait turns that into a failure.
 EXIT_TIMEOUT = 20.0
@@ -92,3 +94,22 @@ def test_workers_share_their_sockets_but_refuse_a_stale_group(dep: Deployment, r
     supervisor = start_lb(dep.path, "--workers", "2")  # its own two workers do share the VIP
     running.append(supervisor)
     assert len(supervisor.wait_ready()["workers"].split(",")) == 2
+
+
+def test_workers_exit_when_their_supervisor_is_killed(dep: Deployment, running: list[ManagedProcess]) -> None:
+    # A supervisor killed with -9 cannot pass SIGTERM on: the workers must still stop (they were
+    # left serving the VIP, and holding its port, with nobody to stop them).
+    supervisor = start_lb(dep.path, "--workers", "2")
+    running.append(supervisor)
+    workers = [int(pid) for pid in supervisor.wait_ready()["workers"].split(",")]
+    supervisor.kill()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie is gone too: it only waits for its reaper
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+    wait_until(lambda: all(gone(pid) for pid in workers), 10.0, "workers of a killed supervisor exit")
