@@ -10,6 +10,7 @@ import pytest
 
 from quiclb_harness.deployment import BackendSpec, Deployment, ServiceSpec
 from quiclb_harness.processes import ManagedProcess, start_lb
+from quiclb_harness.quic_cluster import QuicCluster
 from quiclb_harness.udp_backend import UdpTestBackend
 
 
@@ -59,3 +60,15 @@ def udp_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[UdpC
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def quic_cluster(tmp_path: Path) -> Iterator[QuicCluster]:
+    """An LB and three aioquic backends (0001..0003) on loopback, stopped after the test."""
+    c = QuicCluster(tmp_path)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+

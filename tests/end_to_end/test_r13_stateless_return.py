@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -27,25 +25,15 @@ from quiclb_harness.quic_cluster import QuicCluster
 DATAGRAMS_BEFORE_KILL = 800
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[QuicCluster]:
-    c = QuicCluster(tmp_path)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.close()
+def connections_accepted(quic_cluster: QuicCluster) -> int:
+    return sum(int(b.stats()["connections_total"]) for b in quic_cluster.backends.values())
 
 
-def connections_accepted(cluster: QuicCluster) -> int:
-    return sum(int(b.stats()["connections_total"]) for b in cluster.backends.values())
-
-
-def transfer_across_lb_kill(cluster: QuicCluster, size: int, timeout: float) -> None:
+def transfer_across_lb_kill(quic_cluster: QuicCluster, size: int, timeout: float) -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        async with EchoClient.connect(*cluster.dep.vip(), alpn="h3", cadata=cluster.cert_pem) as client:
-            accepted = await loop.run_in_executor(None, connections_accepted, cluster)
+        async with EchoClient.connect(*quic_cluster.dep.vip(), alpn="h3", cadata=quic_cluster.cert_pem) as client:
+            accepted = await loop.run_in_executor(None, connections_accepted, quic_cluster)
             start = client.wire.datagrams_received
             download = asyncio.ensure_future(client.request("GET", f"/bytes/{size}", timeout=timeout))
             deadline = loop.time() + timeout
@@ -53,31 +41,31 @@ def transfer_across_lb_kill(cluster: QuicCluster, size: int, timeout: float) -> 
                 assert not download.done(), "the transfer ended before the LB could be killed"
                 assert loop.time() < deadline, "the transfer did not start"
                 await asyncio.sleep(0.001)
-            lb = cluster.live_lbs()[0]
+            lb = quic_cluster.live_lbs()[0]
             lb.signal(signal.SIGKILL)  # synchronously, mid-transfer
             killed_at = time.monotonic()
             assert not download.done()
-            new_lb, _ = await loop.run_in_executor(None, cluster.restart_lb, lb)
+            new_lb, _ = await loop.run_in_executor(None, quic_cluster.restart_lb, lb)
             gap = time.monotonic() - killed_at
             response = await download
             assert response.status == 200 and response.body == bytes(size), (response.status, len(response.body))
             assert client.protocol.terminated is None
             # No new handshake: the same connection carried it all.
-            assert await loop.run_in_executor(None, connections_accepted, cluster) == accepted
-            samples = await loop.run_in_executor(None, cluster.lb_metrics, new_lb)
+            assert await loop.run_in_executor(None, connections_accepted, quic_cluster) == accepted
+            samples = await loop.run_in_executor(None, quic_cluster.lb_metrics, new_lb)
             assert metric_sum(samples, "quiclb_fallback_routed_total") == 0  # no Initial after the restart
             assert metric_sum(samples, "quiclb_cid_routed_total") > 0  # the client's ACKs, routed by CID
             assert metric_sum(samples, "quiclb_tx_to_client_total") > 0  # the rest of the body came back here
             assert gap < 5.0
 
     asyncio.run(asyncio.wait_for(scenario(), timeout + 30))
-    assert all(b.stats()["unknown_cid_packets"] == 0 for b in cluster.backends.values())
+    assert all(b.stats()["unknown_cid_packets"] == 0 for b in quic_cluster.backends.values())
 
 
-def test_r13_transfer_survives_lb_kill_and_restart(cluster: QuicCluster) -> None:
-    transfer_across_lb_kill(cluster, 5 * 1024 * 1024, timeout=60.0)
+def test_r13_transfer_survives_lb_kill_and_restart(quic_cluster: QuicCluster) -> None:
+    transfer_across_lb_kill(quic_cluster, 5 * 1024 * 1024, timeout=60.0)
 
 
 @pytest.mark.optin
-def test_r13_transfer_survives_lb_kill_and_restart_opt_in_size(cluster: QuicCluster) -> None:
-    transfer_across_lb_kill(cluster, 50 * 1024 * 1024, timeout=300.0)
+def test_r13_transfer_survives_lb_kill_and_restart_opt_in_size(quic_cluster: QuicCluster) -> None:
+    transfer_across_lb_kill(quic_cluster, 50 * 1024 * 1024, timeout=300.0)

@@ -23,8 +23,6 @@ import asyncio
 import select
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
@@ -131,33 +129,23 @@ def drive(handshakes: list[Handshake], timeout: float) -> None:
             h.result = f"not done within {timeout} s"
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[QuicCluster]:
-    c = QuicCluster(tmp_path)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.close()
-
-
-def scale_out_mid_handshake(cluster: QuicCluster, count: int) -> None:
-    vip, cfg = cluster.dep.vip(), CidConfig(0, 2, 14, cluster.dep.key("echo", 0))
-    n = len(cluster.server_ids)
+def scale_out_mid_handshake(quic_cluster: QuicCluster, count: int) -> None:
+    vip, cfg = quic_cluster.dep.vip(), CidConfig(0, 2, 14, quic_cluster.dep.key("echo", 0))
+    n = len(quic_cluster.server_ids)
     # The new backend runs (and is in the file) before the LB learns of it, as an operator scales out.
-    cluster.dep.services[0].backends.append(BackendSpec(NEW_BACKEND, host=cluster.host))
-    cluster.dep.version += 1
-    cluster.dep.write()
-    cluster.start_backend(NEW_BACKEND)
+    quic_cluster.dep.services[0].backends.append(BackendSpec(NEW_BACKEND, host=quic_cluster.host))
+    quic_cluster.dep.version += 1
+    quic_cluster.dep.write()
+    quic_cluster.start_backend(NEW_BACKEND)
 
-    answered = [Handshake(vip, cluster.cert_pem) for _ in range(count // 2)]
-    lost = [Handshake(vip, cluster.cert_pem) for _ in range(count - count // 2)]
+    answered = [Handshake(vip, quic_cluster.cert_pem) for _ in range(count // 2)]
+    lost = [Handshake(vip, quic_cluster.cert_pem) for _ in range(count - count // 2)]
     everyone = answered + lost
     wait_until(lambda: all(h.pending() for h in everyone), timeout=10, what="every backend's first answer")
     for h in lost:
         h.deaf = True
         h.discard_received()
-    status, body = admin_request(cluster.admin(), "POST", "/reload", cluster.dep.token)  # N -> N+1
+    status, body = admin_request(quic_cluster.admin(), "POST", "/reload", quic_cluster.dep.token)  # N -> N+1
     assert status == 200, body[:300]
     drive(everyone, timeout=10.0)
 
@@ -172,19 +160,19 @@ def scale_out_mid_handshake(cluster: QuicCluster, count: int) -> None:
 
     async def retry() -> None:
         for _ in failed:
-            async with EchoClient.connect(*vip, cadata=cluster.cert_pem, timeout=5.0) as client:
+            async with EchoClient.connect(*vip, cadata=quic_cluster.cert_pem, timeout=5.0) as client:
                 assert await client.echo(b"retry", timeout=5.0) == b"retry"
 
     asyncio.run(retry())
     for h in everyone:
         h.sock.close()
-    assert all(b.stats()["unknown_cid_packets"] == 0 for b in cluster.backends.values())
+    assert all(b.stats()["unknown_cid_packets"] == 0 for b in quic_cluster.backends.values())
 
 
-def test_r18_handshakes_survive_scale_out_mid_handshake(cluster: QuicCluster) -> None:
-    scale_out_mid_handshake(cluster, 100)
+def test_r18_handshakes_survive_scale_out_mid_handshake(quic_cluster: QuicCluster) -> None:
+    scale_out_mid_handshake(quic_cluster, 100)
 
 
 @pytest.mark.optin
-def test_r18_opt_in_size(cluster: QuicCluster) -> None:
-    scale_out_mid_handshake(cluster, 500)
+def test_r18_opt_in_size(quic_cluster: QuicCluster) -> None:
+    scale_out_mid_handshake(quic_cluster, 500)
