@@ -167,7 +167,11 @@ class AsyncioDatapath:
 
     async def open_vip(self, service: str, vip: Address, router: Router) -> VipPort:
         vip = normalize_address(vip)
-        endpoint = await self._open(vip, self._vip_handler(service, vip, router), self._socket_error("vip"), True)
+        endpoints: list[Endpoint] = []  # the handler's way back to clients, set once the socket is open
+        endpoint = await self._open(
+            vip, self._vip_handler(service, vip, router, endpoints), self._socket_error("vip"), True
+        )
+        endpoints.append(endpoint)
         port = _Port(endpoint, vip, router, self._forget)
         self._ports.append(port)
         self._vip_ports[vip] = port
@@ -197,8 +201,9 @@ class AsyncioDatapath:
 
     # -- the datapath ---------------------------------------------------------
 
-    def _vip_handler(self, service: str, vip: Address, router: Router) -> DatagramHandler:
+    def _vip_handler(self, service: str, vip: Address, router: Router, endpoints: list[Endpoint]) -> DatagramHandler:
         route_batch = router.route_batch
+        lb_replies = router.replies
         encode = self._encode
         tx = self._tx_to_backend
         unreachable = self._backend_unreachable
@@ -207,6 +212,12 @@ class AsyncioDatapath:
             self._rx_client += 1
             backend = route_batch(data, 0, (len(data),), lambda _: client)[0][1]
             if backend is None:
+                if lb_replies.queue:  # a Retry or a reset the router built for this datagram
+                    for packet, to in lb_replies.take():
+                        try:
+                            endpoints[0].sendto(packet, to)
+                        except (OSError, ValueError):
+                            self._socket_errors["vip"] = self._socket_errors.get("vip", 0) + 1
                 return
             key = (service, backend.label)
             inside = self._inside

@@ -171,6 +171,7 @@ class MmsgVipPort:
         msgs_ptr, fields_of, msg_bytes, pristine = ring.msgs_ptr, ring.fields, ring.msg_bytes, ring.pristine
         words, iov_words, iov_ptrs, send_ptr = self.send.words, self._iov_words, self._iov_ptrs, self._send_ptr
         inside_fd, client_at = self._datapath.inside_fd, self._client_at
+        lb_replies = router.replies  # Retry and reset packets the router built, to send from the VIP
         for _ in range(MAX_BATCHES_PER_WAKEUP):
             n = recvmmsg(fd, msgs_ptr, batch, MSG_DONTWAIT, null)
             if n <= 0:
@@ -185,6 +186,8 @@ class MmsgVipPort:
                 decisions = self._route_untruncated(fields)
             else:
                 decisions = router.route_batch(view, slot, lengths, client_at, raw)
+            if lb_replies.queue:
+                self._send_lb_replies()
             if router.table is not self._dest_table:
                 self._refresh_destinations(router.table)
             dests = self._dests
@@ -215,6 +218,14 @@ class MmsgVipPort:
                 self._flush(j)  # partly sent or refused: find out which, count the rest
             if n < batch:
                 return
+
+    def _send_lb_replies(self) -> None:
+        """Send the router's Retry and reset packets to their clients (rate-limited, a few per batch)."""
+        for packet, client in self._router.replies.take():
+            try:
+                self.sock.sendto(packet, client)
+            except OSError:
+                count_into(self._datapath.socket_errors, "vip")
 
     def _receive_failed(self) -> None:
         try:

@@ -82,11 +82,21 @@ DIGEST_OMIT = {DIGEST: "omit"}
 DIGEST_FINGERPRINT = {DIGEST: "fingerprint"}
 #: Only whether it is set (its content enters through another field).
 DIGEST_PRESENCE = {DIGEST: "presence"}
+#: Key material added after configurations were deployed (fingerprinted, left out when unset).
+DIGEST_FINGERPRINT_IF_SET = {DIGEST: "fingerprint", "unless_default": True}
+#: Added after configurations were deployed: left out while it has its default, so a file that
+#: does not use it keeps the digest it had (LB instances of two releases agree on it).
+DIGEST_UNLESS_DEFAULT = "unless_default"
 
 
 def digest_sorted_by(attribute: str) -> dict[str, str]:
     """A collection whose order does not matter: it enters sorted by each item's ``attribute``."""
     return {DIGEST: "sorted", "sort_by": attribute}
+
+
+#: ``retry_flood_threshold`` default and bounds.
+DEFAULT_RETRY_FLOOD_THRESHOLD = 2000
+RETRY_FLOOD_THRESHOLD_RANGE = (1, 10_000_000)
 
 
 class ReturnMode(StrEnum):
@@ -101,6 +111,14 @@ class BackendState(StrEnum):
 
     ACTIVE = "active"
     DRAINING = "draining"
+
+
+class RetryMode(StrEnum):
+    """``[[service]].retry``: when the LB answers tokenless Initials with Retry (issue 9)."""
+
+    OFF = "off"
+    ALWAYS = "always"
+    FLOOD = "flood"  # only above retry_flood_threshold tokenless Initials per second
 
 
 class UnroutableShortHeader(StrEnum):
@@ -143,6 +161,14 @@ class ServiceConfig:
     linkable: bool = field(metadata=DIGEST_OMIT)
     """True when any cid_config is plaintext: its CIDs are linkable (metrics say so, S-2).
     Not in the digest: derived from ``cid_configs``."""
+    retry: RetryMode = field(default=RetryMode.OFF, metadata={DIGEST_UNLESS_DEFAULT: True})
+    """Retry offload (draft-ietf-quic-retry-offload, shared-state mode); backends read it too."""
+    retry_key: bytes | None = field(default=None, repr=False, metadata=DIGEST_FINGERPRINT_IF_SET)
+    """The 16-byte token key of ``retry_key_file``; set unless ``retry`` is off."""
+    retry_flood_threshold: int = field(default=DEFAULT_RETRY_FLOOD_THRESHOLD, metadata={DIGEST_UNLESS_DEFAULT: True})
+    """``retry = "flood"``: tokenless Initials per second (per LB process) before Retry starts."""
+    reset_key: bytes | None = field(default=None, repr=False, metadata=DIGEST_FINGERPRINT_IF_SET)
+    """The key of ``reset_key_file``: stateless reset tokens are derived from it (LB and backends)."""
 
     def newest_cid_config(self) -> CidConfig:
         """The configuration backends mint new CIDs with: the last one listed."""

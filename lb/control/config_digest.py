@@ -17,6 +17,8 @@ loudly instead of being skipped). What is in it, and what is not:
   keys, each service's fallback key), never the bytes;
 - ``fallback_key_file`` only as present or not (its key enters through the
   services' fallback keys);
+- fields added later (``retry*``, ``reset_key``) only when not at their default, so
+  files that do not use them keep their digest;
 - not ``LbConfig.path`` (location), not ``digest`` itself, not
   ``ServiceConfig.linkable`` (derived from the cid_configs);
 - order only where it means something: services are sorted by name and
@@ -34,7 +36,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from lb.control.config import DIGEST, LbConfig
+from lb.control.config import DIGEST, DIGEST_UNLESS_DEFAULT, LbConfig
 from lb.core.addresses import format_address
 from lb.core.cid_config import CidConfig
 
@@ -72,7 +74,12 @@ def _is_address(value: tuple[Any, ...]) -> bool:
 
 def _canonical(value: Any, base: Path) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _field(value, f, base) for f in dataclasses.fields(value) if _rule(value, f) != "omit"}
+        return {
+            f.name: _field(value, f, base)
+            for f in dataclasses.fields(value)
+            if _rule(value, f) != "omit"
+            and not (f.metadata.get(DIGEST_UNLESS_DEFAULT) and getattr(value, f.name) == f.default)
+        }
     if isinstance(value, Enum):
         return value.value
     if value is None or isinstance(value, (bool, int, float, str)):

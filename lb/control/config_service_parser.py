@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from lb.control.config import (
+    DEFAULT_RETRY_FLOOD_THRESHOLD,
     MAGLEV_SLOTS_PER_BACKEND,
     MAX_BACKENDS_PER_SERVICE,
     MAX_CID_CONFIGS,
     MAX_MAGLEV_SIZE,
+    RETRY_FLOOD_THRESHOLD_RANGE,
     BackendConfig,
     BackendState,
     LbSection,
+    RetryMode,
     ReturnMode,
     ServiceConfig,
     derive_fallback_key,
@@ -27,7 +32,10 @@ from lb.core.addresses import Address, format_address
 from lb.core.cid_config import UNROUTABLE_CONFIG_ID, CidConfig
 from lb.errors import ConfigError
 
-_SERVICE_KEYS = frozenset({"name", "vip", "certificate", "private_key", "cid_config", "backend"})
+_SERVICE_KEYS = frozenset({
+    "name", "vip", "certificate", "private_key", "cid_config", "backend",
+    "retry", "retry_key_file", "retry_flood_threshold", "reset_key_file",
+})
 _CID_CONFIG_KEYS = frozenset({"config_id", "server_id_len", "nonce_len", "key_file", "plaintext", "self_encode_length"})
 _BACKEND_KEYS = frozenset({"server_id", "address", "state"})
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -158,6 +166,7 @@ class ServiceParser(TableReader):
                     )
             backends.append(backend)
 
+        retry, retry_key, threshold, reset_key = self.parse_stateless(t, where)
         # Not from the CID keys: rotating them must not move handshakes in flight (hole 2).
         fallback_key = derive_fallback_key(name, fallback_file_key)
         return ServiceConfig(
@@ -169,7 +178,32 @@ class ServiceParser(TableReader):
             backends=tuple(backends),
             fallback_key=fallback_key,
             linkable=any(c.key is None for c in cid_configs),
+            retry=retry,
+            retry_key=retry_key,
+            retry_flood_threshold=threshold,
+            reset_key=reset_key,
         )
+
+    def parse_stateless(
+        self, t: Mapping[str, Any], where: str
+    ) -> tuple[RetryMode, bytes | None, int, bytes | None]:
+        """``retry``, ``retry_key_file``, ``retry_flood_threshold`` and ``reset_key_file`` (issue 9)."""
+        retry = self.enum(t, "retry", where, RetryMode, RetryMode.OFF)
+        retry_key = self.key_file(t, "retry_key_file", where)
+        if retry is not RetryMode.OFF and retry_key is None:
+            self.fail(
+                f"{where}.retry_key_file",
+                f'required with retry = "{retry.value}": the LB and the backends share it to mint and check '
+                "Retry tokens (create one with `quiclb keygen`)",
+            )
+        threshold = self.typed(t, "retry_flood_threshold", where, int, "an integer")
+        low, high = RETRY_FLOOD_THRESHOLD_RANGE
+        if threshold is None:
+            threshold = DEFAULT_RETRY_FLOOD_THRESHOLD
+        elif not low <= threshold <= high:
+            self.fail(f"{where}.retry_flood_threshold",
+                      f"must be {low}..{high} tokenless Initials per second, got {threshold}")
+        return retry, retry_key, threshold, self.key_file(t, "reset_key_file", where)
 
     def parse_cid_config(self, raw: object, where: str) -> CidConfig:
         t = self.table(raw, where, _CID_CONFIG_KEYS, required=("config_id", "server_id_len", "nonce_len"))

@@ -12,7 +12,8 @@ Rules:
 - names are prefixed ``quiclb_``; counters get ``_total`` on their samples;
 - every router :class:`~lb.core.router.Outcome` maps to exactly one counter
   family (:data:`OUTCOME_METRICS`), so for each service
-  ``rx_client_datagrams = cid_routed + fallback_routed + every *_dropped``;
+  ``rx_client_datagrams = cid_routed + fallback_routed + retry_answered + reset_answered
+  + every *_dropped``;
 - series that share a name and labels (several routers of one service) are summed;
 - nothing here ever sees key material: the snapshot carries counters, names
   and digests only (S-3).
@@ -55,6 +56,14 @@ METRICS: dict[str, tuple[str, str]] = {
     "malformed_dropped": (COUNTER, "Datagrams dropped as malformed, by parse failure."),
     "small_unknown_version_dropped": (COUNTER, "Unknown-version datagrams under 1200 bytes dropped (RFC 9000 5.2.2)."),
     "vn_dropped": (COUNTER, "Version Negotiation packets from clients dropped (RFC 9000 6.1)."),
+    "retry_answered": (COUNTER, "Tokenless Initials answered with a Retry by the LB instead of forwarded."),
+    "retry_rate_limited_dropped": (COUNTER, "Tokenless Initials dropped: their source was over the Retry rate limit."),
+    "token_rejected_dropped": (COUNTER, "Initials dropped: invalid, expired or misaddressed Retry token."),
+    "reset_answered": (COUNTER, "Short headers of removed backends answered with a Stateless Reset."),
+    "lb_originated": (COUNTER, "Packets the LB built itself (Retry, stateless reset), by type."),
+    "lb_originated_rate_limited": (COUNTER, "LB-built packets not sent: per-source rate limit or key budget, by type."),
+    "lb_originated_bytes": (COUNTER, "Bytes of the packets the LB built itself."),
+    "retry_tokens": (COUNTER, "Retry tokens checked by the LB, by result."),
     "cipher_calls": (COUNTER, "AES block operations spent decoding DCIDs."),
     "decode_cache_entries": (GAUGE, "Entries in the DCID -> backend decode cache."),
     "decode_cache_evictions": (COUNTER, "Decode cache entries evicted for space."),
@@ -111,6 +120,10 @@ OUTCOME_METRICS: dict[Outcome, str] = {
     Outcome.MALFORMED_DROPPED: "malformed_dropped",
     Outcome.SMALL_UNKNOWN_VERSION_DROPPED: "small_unknown_version_dropped",
     Outcome.VN_DROPPED: "vn_dropped",
+    Outcome.RETRY_SENT: "retry_answered",
+    Outcome.RETRY_RATE_LIMITED: "retry_rate_limited_dropped",
+    Outcome.TOKEN_REJECTED: "token_rejected_dropped",
+    Outcome.RESET_SENT: "reset_answered",
 }
 
 #: Values of the ``state`` label of ``backend_state``.
@@ -168,6 +181,12 @@ def _add_router(fams: _Families, stats: RouterStats) -> None:
             fams.add(name, count, service=svc, reason=fallback_reason)
         else:
             fams.add(name, count, service=svc)
+    for kind in ("retry", "reset"):
+        fams.add("lb_originated", stats.lb_originated.get(kind, 0), service=svc, type=kind)
+        fams.add("lb_originated_rate_limited", stats.lb_originated_rate_limited.get(kind, 0), service=svc, type=kind)
+    fams.add("lb_originated_bytes", stats.lb_originated_bytes, service=svc)
+    for result, n in sorted(stats.retry_tokens.items()):
+        fams.add("retry_tokens", n, service=svc, result=result)
     fams.add("cipher_calls", stats.cipher_calls, service=svc)
     fams.add("decode_cache_entries", stats.cache_entries, service=svc)
     fams.add("decode_cache_evictions", stats.cache_evictions, service=svc)

@@ -34,10 +34,12 @@ from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from lb.control.config import BackendState, LbConfig, ServiceConfig, UnroutableShortHeader
+from lb.control.config import BackendState, LbConfig, RetryMode, ServiceConfig, UnroutableShortHeader
 from lb.core.addresses import Address, normalize_address
 from lb.core.health import HealthKey
+from lb.core.lb_replies import RetryPolicy
 from lb.core.maglev import MaglevTable, build_maglev_table
+from lb.core.retry_token import TokenKey
 from lb.core.service_table import Backend, ServiceTable
 
 log = logging.getLogger("quiclb")
@@ -115,7 +117,17 @@ def build_service(
         maglev=ring,
         supported_versions=frozenset(cfg.lb.supported_versions),
         short_header_fallback=cfg.lb.unroutable_short_header is UnroutableShortHeader.FALLBACK,
+        retry=retry_policy(svc),
+        reset_key=svc.reset_key,
     )
+
+
+def retry_policy(svc: ServiceConfig) -> RetryPolicy | None:
+    """The router's view of a service's retry settings; None when Retry is off."""
+    if svc.retry is RetryMode.OFF or svc.retry_key is None:
+        return None
+    return RetryPolicy(svc.retry.value, TokenKey.from_secret(svc.retry_key), svc.retry_flood_threshold,
+                       svc.newest_cid_config())
 
 
 def same_routing(a: ServiceTable, b: ServiceTable) -> bool:
@@ -128,6 +140,8 @@ def same_routing(a: ServiceTable, b: ServiceTable) -> bool:
         and a.tombstones == b.tombstones
         and a.supported_versions == b.supported_versions
         and a.short_header_fallback == b.short_header_fallback
+        and a.retry == b.retry
+        and a.reset_key == b.reset_key
     )
 
 

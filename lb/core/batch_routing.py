@@ -61,7 +61,10 @@ class BatchRouting:
     def _fallback(self, outcome: Outcome, client: Address) -> RouteDecision:
         raise NotImplementedError
 
-    def _check_long_header(self, datagram: bytes) -> RouteDecision | LongHeader:
+    def _check_long_header(self, datagram: bytes, client: Callable[[], Address]) -> RouteDecision | LongHeader:
+        raise NotImplementedError
+
+    def _removed_backend(self, sid: bytes, dcid: bytes, size: int, client: Address) -> RouteDecision:
         raise NotImplementedError
 
     def _unroutable_short(self, fallback: Outcome, drop: Outcome, client: Address) -> RouteDecision:
@@ -141,7 +144,7 @@ class BatchRouting:
                 out[i] = self._malformed_drop("truncated")  # a short header of one byte: no DCID
             off += stride
         if misses:
-            self._resolve_misses(misses, long_reasons, out, client_at)
+            self._resolve_misses(misses, long_reasons, out, client_at, lengths)
         return out
 
     def _route_short_headers(
@@ -199,7 +202,7 @@ class BatchRouting:
                 misses[dcids[i]] = (dec, [i])
             else:
                 miss[1].append(i)
-        self._resolve_misses(misses, {}, out, client_at)
+        self._resolve_misses(misses, {}, out, client_at, lengths)
         return out
 
     def _route_long(
@@ -211,7 +214,7 @@ class BatchRouting:
         long_reasons: dict[int, Outcome],
     ) -> RouteDecision | None:
         """Steps 1-5 for a long header; None when its DCID joins the batch's cache misses."""
-        checked = self._check_long_header(datagram)
+        checked = self._check_long_header(datagram, lambda: client_at(i))
         if not isinstance(checked, LongHeader):
             return checked
         dcid, dec, reason, supported = checked
@@ -237,6 +240,7 @@ class BatchRouting:
         long_reasons: dict[int, Outcome],
         out: list[RouteDecision],
         client_at: Callable[[int], Address],
+        lengths: Sequence[int],
     ) -> None:
         """Decode every missed DCID of a batch, one decoder call (one AES call per pass) per configuration."""
         table = self.table
@@ -282,7 +286,7 @@ class BatchRouting:
                     if reason is not None:
                         out[i] = self._fallback(reason, client_at(i))
                     elif sid in table.tombstones:
-                        out[i] = self._drop(Outcome.REMOVED_BACKEND_DROPPED)
+                        out[i] = self._removed_backend(sid, dcid, lengths[i], client_at(i))
                     else:
                         out[i] = self._unroutable_short(
                             Outcome.FALLBACK_SHORT_UNKNOWN_SID, Outcome.UNKNOWN_SID_DROPPED, client_at(i)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from lb.core.cid_decoder import ConfigDecoder
@@ -32,6 +32,10 @@ class Outcome(enum.IntEnum):
     MALFORMED_DROPPED = 10
     SMALL_UNKNOWN_VERSION_DROPPED = 11
     VN_DROPPED = 12
+    RETRY_SENT = 13  # tokenless Initial answered with a Retry by the LB (retry offload)
+    RETRY_RATE_LIMITED = 14  # would have been answered with a Retry, but its source is over the limit
+    TOKEN_REJECTED = 15  # Initial whose Retry token is invalid, expired or from another address
+    RESET_SENT = 16  # short header of a removed backend's CID, answered with a Stateless Reset
 
     @property
     def forwards(self) -> bool:
@@ -67,6 +71,12 @@ class RouterStats:
     cipher_calls: int
     cache_entries: int
     cache_evictions: int
+    #: LB-built packets sent and rate-limited, by type ("retry", "reset"); their bytes.
+    lb_originated: Mapping[str, int] = field(default_factory=dict)
+    lb_originated_rate_limited: Mapping[str, int] = field(default_factory=dict)
+    lb_originated_bytes: int = 0
+    #: Retry tokens checked, by result (lb.core.retry_token.TokenResult).
+    retry_tokens: Mapping[str, int] = field(default_factory=dict)
 
     def total_outcomes(self) -> int:
         return sum(self.outcomes.values())

@@ -32,15 +32,21 @@ sends each datagram to the returned backend.
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 
 from lb.core.addresses import Address
 from lb.core.batch_routing import BatchRouting
+from lb.core.cid_decoder import ConfigDecoder
+from lb.core.lb_replies import RESET, RETRY, LbReplies
 from lb.core.maglev import four_tuple_key
 from lb.core.outcomes import OUTCOMES, CidRoute, LongHeader, Outcome, RouteDecision, RouterStats
 from lb.core.quic_constants import MIN_INITIAL_DATAGRAM
-from lb.core.quic_header import parse_routing_fields_untrusted
+from lb.core.quic_header import RoutingFields, parse_routing_fields_untrusted
 from lb.core.service_table import Backend, ServiceTable
+from lb.core.stateless_packets import initial_token
 from lb.errors import MalformedDatagram
 
 #: Upper bound of the DCID -> backend cache; FIFO eviction beyond it.
@@ -56,7 +62,14 @@ class Router(BatchRouting):
     clears the decode cache, whose entries belong to the old table.
     """
 
-    def __init__(self, table: ServiceTable, *, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        table: ServiceTable,
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        clock: Callable[[], float] = time.time,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
         if cache_size < 0:
             raise ValueError(f"cache_size: must be >= 0 (0 disables the cache), got {cache_size}")
         self.table = table
@@ -78,6 +91,10 @@ class Router(BatchRouting):
         self._cipher_calls = 0
         self._evictions = 0
         self._rx = 0
+        #: Retry and reset packets the LB builds (rate limits, counters, the send queue). The
+        #: clock (wall time: tokens carry POSIX expiries shared with the backends) and the random
+        #: source are only read for those.
+        self.replies = LbReplies(clock, random_bytes)
 
     def set_table(self, table: ServiceTable) -> None:
         # Counters are monotonic: fold the old table's per-route counts into the totals.
@@ -119,15 +136,15 @@ class Router(BatchRouting):
             backend = table.backends.get(sid)
             if backend is None:
                 if sid in table.tombstones:
-                    # Always dropped, even with the fallback switch: the connection lived on a
+                    # Never to the fallback, even with the switch on: the connection lived on a
                     # backend that is gone, and any other backend would only answer garbage.
-                    return self._drop(Outcome.REMOVED_BACKEND_DROPPED)
+                    return self._removed_backend(sid, dcid, size, client)
                 return self._unroutable_short(
                     Outcome.FALLBACK_SHORT_UNKNOWN_SID, Outcome.UNKNOWN_SID_DROPPED, client
                 )
             return self._cid_route(dcid, dec.cfg.config_id, backend)
 
-        checked = self._check_long_header(datagram)
+        checked = self._check_long_header(datagram, lambda: client)
         if not isinstance(checked, LongHeader):
             return checked
         dcid, dec, reason, supported = checked
@@ -147,8 +164,11 @@ class Router(BatchRouting):
 
     # -- outcomes -------------------------------------------------------------
 
-    def _check_long_header(self, datagram: bytes) -> RouteDecision | LongHeader:
-        """Steps 1-3 for a long header (shared by both entry points): a drop, or what to route by."""
+    def _check_long_header(self, datagram: bytes, client: Callable[[], Address]) -> RouteDecision | LongHeader:
+        """Steps 1-3 for a long header (shared by both entry points): a drop, or what to route by.
+
+        With Retry offload on, an Initial also passes :meth:`_retry_gate` here.
+        """
         table = self.table
         try:
             fields = parse_routing_fields_untrusted(datagram, table.supported_versions)
@@ -165,7 +185,63 @@ class Router(BatchRouting):
         dec = table.decoder.by_config_id[dcid[0] >> 5] if dcid else None
         if dec is not None and len(dcid) < dec.cid_len:
             dec = None  # too short for its configuration: as unroutable as an unknown one
+        if table.retry is not None and fields.is_initial:
+            gated = self._retry_gate(datagram, fields, dec, client)
+            if gated is not None:
+                return gated
         return LongHeader(dcid, dec, reason, supported)
+
+    def _retry_gate(
+        self, datagram: bytes, fields: RoutingFields, dec: ConfigDecoder | None, client: Callable[[], Address]
+    ) -> RouteDecision | None:
+        """Retry offload for one Initial: None lets it be routed, else the drop or the Retry.
+
+        A token is checked whenever Retry is configured (the draft's shared-state
+        mode): valid ones are routed, others dropped. A tokenless Initial gets a
+        Retry while Retry is active, unless its DCID routes to a live backend: then
+        it is a second-flight Initial of a handshake under way (the client already
+        switched to the backend's CID), which a Retry would break.
+        """
+        table = self.table
+        policy = table.retry
+        assert policy is not None and fields.scid is not None
+        dcid = fields.dcid
+        token = initial_token(datagram, len(dcid), len(fields.scid))
+        if token is None:
+            return self._malformed_drop("truncated")
+        replies = self.replies
+        if token and not token[0] & 0x80:  # a Retry token (type 0); NEW_TOKEN ones are never ours
+            if replies.token_valid(policy, token, client(), dcid):
+                return None
+            return self._drop(Outcome.TOKEN_REJECTED)
+        if not replies.retry_active(policy):
+            return None
+        if dec is not None and self._routes_to_live_backend(dcid[: dec.cid_len], dec):
+            return None
+        if len(datagram) < MIN_INITIAL_DATAGRAM:
+            return self._malformed_drop("small_initial")  # no server may answer it (RFC 9000 §14.1)
+        address = client()
+        sid = table.maglev.lookup(four_tuple_key(address, table.vip))
+        if sid is None:
+            return self._drop(Outcome.NO_BACKEND_DROPPED)
+        assert fields.version is not None
+        if replies.retry(policy, address, sid, version=fields.version, odcid=dcid, client_scid=fields.scid):
+            return self._drop(Outcome.RETRY_SENT)
+        return self._drop(Outcome.RETRY_RATE_LIMITED)
+
+    def _routes_to_live_backend(self, key: bytes, dec: ConfigDecoder) -> bool:
+        if key in self._cache:
+            return True
+        self._cipher_calls += dec.cfg.lb_passes
+        return self.table.backends.get(dec.decode(key)) is not None
+
+    def _removed_backend(self, sid: bytes, dcid: bytes, size: int, client: Address) -> RouteDecision:
+        """A short header for a removed backend's CID: a Stateless Reset when the service has a
+        reset key (rate-limited, shorter than the trigger), else a counted drop."""
+        key = self.table.reset_key
+        if key is not None and self.replies.reset(key, sid, dcid, client, size):
+            return self._drop(Outcome.RESET_SENT)
+        return self._drop(Outcome.REMOVED_BACKEND_DROPPED)
 
     def _cid_route(self, dcid: bytes, config_id: int, backend: Backend) -> RouteDecision:
         """A decoded (cache-miss) CID route: count it and remember the DCID."""
@@ -235,4 +311,8 @@ class Router(BatchRouting):
             cipher_calls=self._cipher_calls,
             cache_entries=len(self._cache),
             cache_evictions=self._evictions,
+            lb_originated={kind: self.replies.sent[kind] for kind in (RETRY, RESET)},
+            lb_originated_rate_limited=dict(self.replies.rate_limited),
+            lb_originated_bytes=self.replies.bytes_sent,
+            retry_tokens=dict(self.replies.tokens),
         )

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from lb.core.addresses import Address, normalize_address
 from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import CidDecoder
+from lb.core.lb_replies import RetryPolicy
 from lb.core.maglev import DEFAULT_TABLE_SIZE, MaglevTable, build_maglev_table
 from lb.core.quic_constants import KNOWN_VERSIONS
 
@@ -58,6 +59,9 @@ class ServiceTable:
     maglev: MaglevTable
     supported_versions: frozenset[int]
     short_header_fallback: bool
+    #: Retry offload (None: off) and the stateless reset key (None: no resets).
+    retry: RetryPolicy | None = field(default=None, repr=False)
+    reset_key: bytes | None = field(default=None, repr=False)
     decoder: CidDecoder = field(init=False, repr=False)
     #: Backends in fallback rotation, by server ID (a subset of ``backends``).
     fallback_backends: tuple[bytes, ...] = field(init=False)
@@ -78,6 +82,8 @@ def build_service_table(
     maglev_size: int = DEFAULT_TABLE_SIZE,
     supported_versions: Iterable[int] = KNOWN_VERSIONS,
     short_header_fallback: bool = False,
+    retry: RetryPolicy | None = None,
+    reset_key: bytes | None = None,
 ) -> ServiceTable:
     """Validate and assemble a table; the Maglev ring covers healthy, non-draining backends."""
     by_sid: dict[bytes, Backend] = {}
@@ -97,4 +103,6 @@ def build_service_table(
         maglev=ring,
         supported_versions=frozenset(supported_versions),
         short_header_fallback=short_header_fallback,
+        retry=retry,
+        reset_key=reset_key,
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lb.control.config import LbConfig, LbSection, load_config
+from lb.control.config import LbConfig, LbSection, RetryMode, load_config
 from lb.control.config_digest import canonical_form, config_digest, fingerprint
 
 GOLDEN_TOML = """
@@ -118,11 +118,23 @@ def test_every_field_is_in_the_canonical_form_or_deliberately_left_out(golden: L
     assert _keys(form) == {f.name for f in dataclasses.fields(LbConfig)} - omitted | {"format"}
     assert _keys(form["lb"]) == {f.name for f in dataclasses.fields(LbSection)}
     service = form["services"][0]
-    assert _keys(service) == {f.name for f in dataclasses.fields(type(golden.services[0]))} - {"linkable"}
+    later = {"retry", "retry_key", "retry_flood_threshold", "reset_key"}  # only when set (issue 9)
+    assert _keys(service) == {f.name for f in dataclasses.fields(type(golden.services[0]))} - {"linkable"} - later
     assert _keys(service["backends"][0]) == {f.name for f in dataclasses.fields(type(golden.services[0].backends[0]))}
     assert _keys(service["cid_configs"][0]) == {
         f.name for f in dataclasses.fields(type(golden.services[0].cid_configs[0]))
     }
+
+
+def test_later_fields_enter_the_digest_only_when_set(golden: LbConfig) -> None:
+    svc = golden.services[0]
+    changed = dataclasses.replace(svc, retry=RetryMode.FLOOD, retry_key=bytes(16), reset_key=bytes(range(16)))
+    other = dataclasses.replace(golden, services=(changed, *golden.services[1:]))
+    service = canonical_form(other)["services"]
+    form = next(s for s in service if s["name"] == svc.name)
+    assert form["retry"] == "flood" and form["retry_key"] != bytes(16).hex() and "reset_key" in form
+    assert "retry_flood_threshold" not in form  # still at its default
+    assert config_digest(other) != config_digest(golden)
 
 
 def test_canonical_form_holds_fingerprints_not_keys_and_paths_relative(golden: LbConfig) -> None:

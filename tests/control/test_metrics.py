@@ -25,8 +25,10 @@ from lb.control.metrics import (
     render_metrics,
 )
 from lb.control.snapshot import BackendView, LbSnapshot, ServiceView
+from lb.core.lb_replies import REPLIES_PER_SOURCE, RetryPolicy
 from lb.core.outcomes import Outcome, RouterStats
 from lb.core.quic_constants import GREASE_VERSION, QUIC_V1
+from lb.core.retry_token import TokenKey
 from lb.core.return_path import ReturnStats
 from lb.core.router import Router
 from lb.core.service_table import Backend, build_service_table
@@ -103,7 +105,27 @@ def _routers() -> list[Router]:
     )
     legacy.route(short_header(unroutable_cid(9)), CLIENT)  # FALLBACK_NO_CONFIG
     legacy.route(short_header(encode_cid(ENCRYPTED, SID_NONE, _nonce(7))), CLIENT)  # FALLBACK_SHORT_UNKNOWN_SID
-    return [echo, web, legacy]
+
+    # Retry offload and stateless resets (issue 9).
+    guarded = Router(
+        build_service_table(
+            name="guarded",
+            vip=("127.0.0.1", 7443),
+            cid_configs=[ENCRYPTED],
+            backends=[Backend(SID_A, ("127.0.0.1", 7001))],
+            fallback_key=FALLBACK_KEY,
+            tombstones=[SID_GONE],
+            maglev_size=MAGLEV_SIZE,
+            retry=RetryPolicy("always", TokenKey.from_secret(bytes(16)), 2000, ENCRYPTED),
+            reset_key=bytes(range(16)),
+        )
+    )
+    for n in range(REPLIES_PER_SOURCE + 1):  # RETRY_SENT x 10, then RETRY_RATE_LIMITED
+        guarded.route(initial(QUIC_V1, unroutable_cid(8), bytes([n]) * 8), ("127.0.0.9", 1000 + n))
+    guarded.route(initial(QUIC_V1, unroutable_cid(8), b"", token=bytes(60)), CLIENT)  # TOKEN_REJECTED
+    guarded.route(short_header(encode_cid(ENCRYPTED, SID_GONE, _nonce(8))), CLIENT)  # RESET_SENT
+    guarded.replies.take()
+    return [echo, web, legacy, guarded]
 
 
 def _view(service: str, sid: bytes, state: str, healthy: bool, **counters: int) -> BackendView:

@@ -30,7 +30,9 @@ from hypothesis import strategies as st
 
 from lb import CidConfig, CidIssuer, decode_server_id, encode_cid
 from lb.core.encapsulation import encode_proxy_header
+from lb.core.lb_replies import RetryPolicy
 from lb.core.outcomes import Outcome
+from lb.core.retry_token import TokenKey
 from lb.core.router import Router
 from lb.core.service_table import Backend, ServiceTable, build_service_table
 from quiclb_harness.datagrams import initial, long_header, short_header, version_negotiation, vn_probe
@@ -89,6 +91,8 @@ def make_table(
     vip: tuple[str, int] = VIP,
     supported_versions: Iterable[int] = (QUIC_V1, QUIC_V2),
     name: str = "svc",
+    retry: RetryPolicy | None = None,
+    reset_key: bytes | None = None,
 ) -> ServiceTable:
     return build_service_table(
         name=name,
@@ -100,7 +104,13 @@ def make_table(
         maglev_size=MAGLEV_SIZE,
         supported_versions=supported_versions,
         short_header_fallback=short_header_fallback,
+        retry=retry,
+        reset_key=reset_key,
     )
+
+
+RETRY_KEY = TokenKey.from_secret(bytes(range(16)))
+RESET_KEY = bytes(range(100, 116))
 
 
 @functools.cache
@@ -122,6 +132,11 @@ def table(kind: str) -> ServiceTable:
         )
     if mode == "empty":
         return make_table([CONFIGS["single"]], [], short_header_fallback=switch)
+    if mode == "retry":  # retry = "always", reset key set
+        cfg = CONFIGS["single"]
+        policy = RetryPolicy("always", RETRY_KEY, 2000, cfg)
+        return make_table([cfg], [role_backend(k) for k in (A, B, C)], tombstones=[sid(T)], retry=policy,
+                          reset_key=RESET_KEY)
     if mode == "v1only":
         return make_table([CONFIGS["single"]], [role_backend(k) for k in (A, B, C)], supported_versions=[QUIC_V1])
     raise KeyError(kind)
@@ -424,15 +439,33 @@ ROWS: list[Row] = [
     dropped("rotation: config 2 short header", short_header(DCID_CFG2), "rotation", Outcome.UNROUTABLE_DROPPED),
     fallback("rotation: config 1 Initial, unassigned server ID", initial(QUIC_V1, cid("x", U, cfg=ROT1), SCID8),
              "rotation", Outcome.FALLBACK_UNKNOWN_SID, passes=3),
+    # -- retry offload and stateless resets (issue 9; more in test_retry_offload.py) -----------
+    dropped("retry: tokenless v1 Initial, client DCID", initial(QUIC_V1, CLIENT_DCID, SCID8), "retry",
+            Outcome.RETRY_SENT),
+    dropped("retry: tokenless v2 Initial, unassigned server ID", initial(QUIC_V2, CID_U, SCID8), "retry",
+            Outcome.RETRY_SENT, passes=1),
+    routed("retry: tokenless Initial to a live backend's CID (second flight)", initial(QUIC_V1, CID_A, SCID8),
+           "retry", A, passes=2),
+    dropped("retry: Initial with a forged token", initial(QUIC_V1, CLIENT_DCID, SCID8, token=bytes(60)),
+            "retry", Outcome.TOKEN_REJECTED),
+    malformed("retry: tokenless Initial under 1200 bytes", initial(QUIC_V1, CLIENT_DCID, SCID8, pad_to=1100),
+              "small_initial", "retry"),
+    routed("retry: short header, live backend", short_header(CID_A), "retry", A),
+    dropped("reset: short header of a removed backend", short_header(CID_T), "retry", Outcome.RESET_SENT,
+            passes=1),
+    dropped("reset: removed backend, trigger too short to answer", short_header(CID_T, payload_len=3), "retry",
+            Outcome.REMOVED_BACKEND_DROPPED, passes=1),
 ]
+#: Outcomes that need more than one datagram to reach (covered in test_retry_offload.py).
+MULTI_DATAGRAM_OUTCOMES = {Outcome.RETRY_RATE_LIMITED}
 
 
 def test_rows_are_unique_and_cover_every_outcome_and_reason() -> None:
     descs = [r.desc for r in ROWS]
     assert len(descs) == len(set(descs))
-    assert {r.outcome for r in ROWS} == set(Outcome)
+    assert {r.outcome for r in ROWS} | MULTI_DATAGRAM_OUTCOMES == set(Outcome)
     reasons = {k.split(":", 1)[1] for r in ROWS for k in r.extra if k.startswith("malformed:")}
-    assert reasons == {"empty", "truncated", "fixed_bit", "cid_too_long"}
+    assert reasons == {"empty", "truncated", "fixed_bit", "cid_too_long", "small_initial"}
 
 
 #: The router's two entry points; shared tests run through both (route_batch with batches of one,
