@@ -16,7 +16,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
@@ -65,14 +65,16 @@ class LoadBalancer:
     """One LB process. ``start`` binds and serves; ``reload`` swaps configurations atomically."""
 
     def __init__(self, config: LbConfig, *, admin: bool = True, io: str = "asyncio",
-                 datapath: Datapath | None = None, ring_workers: Callable[[], Executor] | None = None) -> None:
+                 datapath: Datapath | None = None, ring_workers: Callable[[], Executor] | None = None,
+                 probe_sources: Sequence[str] = ()) -> None:
         self.datapath = datapath if datapath is not None else open_datapath(io)
         self.admin_enabled = admin
         self.return_path = ReturnPath()
         self.return_path.on_stale_change = _log_stale_change
         lb = config.lb
         tracker: HealthTracker[HealthKey] = HealthTracker(lb.health_interval, lb.health_timeout, lb.health_threshold)
-        self.health = HealthChecker(self.datapath, tracker, on_change=lambda _services: self.updater.request())
+        self.health = HealthChecker(self.datapath, tracker, on_change=lambda _services: self.updater.request(),
+                                    probe_sources=probe_sources)
         self.builder = TableBuilder(workers=ring_workers)
         self.updater = TableUpdater(self.builder, inputs=lambda: (self.config, self.health.unhealthy()),
                                     install=self._install)
@@ -82,6 +84,9 @@ class LoadBalancer:
         self.admin_address: Address | None = None
         self.started_at = time.time()
         self._stopped = asyncio.Event()
+        #: Set by :meth:`drain`: ``/healthz`` answers 503 ``draining`` so the BGP speaker withdraws.
+        self.draining = False
+        self._drain_task: asyncio.Task[None] | None = None
 
     @property
     def config(self) -> LbConfig:
@@ -124,7 +129,7 @@ class LoadBalancer:
 
         assert cfg.lb.admin is not None and cfg.lb.admin_token_file is not None
         admin = AdminServer(snapshot=self.snapshot, reload=self.reload, route=self.route_info,
-                            token=read_token_file(cfg.lb.admin_token_file))
+                            token=read_token_file(cfg.lb.admin_token_file), draining=lambda: self.draining)
         self.admin_address = await admin.start(*cfg.lb.admin)
         self.admin = admin
         log.info("admin API on %s", format_address(self.admin_address))
@@ -136,11 +141,51 @@ class LoadBalancer:
         loop.add_signal_handler(signal.SIGTERM, self._stopped.set)
         loop.add_signal_handler(signal.SIGINT, self._stopped.set)
 
+    def request_drain(self, quiet: float, timeout: float) -> None:
+        """SIGUSR1: start :meth:`drain` once (a second signal changes nothing)."""
+        if self._drain_task is None:
+            self.draining = True  # /healthz flips now, before the task first runs
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain(quiet, timeout), name="drain")
+
+    async def drain(self, quiet: float, timeout: float, poll: float = 0.1) -> None:
+        """Withdraw, wait until no datagram has reached this LB for ``quiet`` s (at most ``timeout`` s), stop.
+
+        ``/healthz`` answers 503 ``draining`` from now on: the BGP speaker that watches it
+        (``quiclb announce``) withdraws the VIP and the inside address, the routers move the
+        flows to the other LBs, and the VIP and inside counters stop moving. Until then this
+        LB keeps forwarding everything that reaches it, so no connection is lost.
+        """
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        start = last_change = loop.time()
+        log.warning("draining: /healthz answers 503; stopping after %.1f s without traffic (at most %.0f s)",
+                    quiet, timeout)
+        last = self._rx_counters()
+        while not self._stopped.is_set():
+            await asyncio.sleep(poll)
+            now, current = loop.time(), self._rx_counters()
+            if current != last:
+                last, last_change = current, now
+            if now - last_change >= quiet:
+                log.warning("drained: no datagram for %.1f s (%.1f s after the drain began); stopping",
+                            now - last_change, now - start)
+                break
+            if now - start >= timeout:
+                log.warning("drain timeout: datagrams still arrived after %.0f s; stopping anyway", timeout)
+                break
+        self._stopped.set()
+
+    def _rx_counters(self) -> tuple[int, int]:
+        stats = self.datapath.stats()
+        return stats.rx_client_datagrams, stats.rx_backend_datagrams
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
     async def stop(self) -> None:
         self._stopped.set()
+        if self._drain_task is not None and not self._drain_task.done():
+            self._drain_task.cancel()
         await self.reloader.close()
         await self.health.close()
         await self.updater.close()
@@ -226,14 +271,21 @@ async def serve(
     admin: bool = True,
     io: str = "asyncio",
     reload_requested: Callable[[], bool] | None = None,
+    probe_sources: Sequence[str] = (),
+    drain: tuple[float, float] | None = None,
 ) -> None:
     """Run one LB process until SIGTERM/SIGINT (``admin=False``: no admin API, for extra workers).
 
     ``reload_requested``: whether a SIGHUP arrived before the event loop could take it (the
     CLI catches it while it loads the configuration); it is then applied right after start.
+    ``probe_sources``: hosts the health probes use as their client address (one per IP
+    version) instead of the VIP's. ``drain``: (quiet, timeout) seconds; SIGUSR1 then drains.
     """
-    lb = LoadBalancer(config, admin=admin, io=io, ring_workers=ring_executor)
+    lb = LoadBalancer(config, admin=admin, io=io, ring_workers=ring_executor, probe_sources=probe_sources)
     lb.install_signal_handlers()
+    if drain is not None:
+        quiet, timeout = drain
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lb.request_drain, quiet, timeout)
     if reload_requested is not None and reload_requested():
         lb.reloader.request()
     try:

@@ -1,4 +1,4 @@
-"""Command line: ``quiclb run | cid encode | cid decode | keygen | check-config | demo``.
+"""Command line: ``quiclb run | cid encode | cid decode | keygen | check-config | announce | demo``.
 
 Exit codes: 0 success, 1 a runtime failure (for example a demo promise that
 did not hold), 2 bad input (arguments, configuration, key files).
@@ -180,7 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from lb.supervisor import supervise  # noqa: PLC0415
 
         worker_argv = [sys.executable, "-m", "lb", "--log-level", args.log_level, "run", "-c", str(args.config),
-                       "--loop", args.loop, "--io", args.io]
+                       "--loop", args.loop, "--io", args.io,
+                       *(f"--probe-source={h}" for h in _probe_sources(args.probe_source))]
         return supervise(worker_argv, args.workers, args.ready_timeout)
     if args.reuse_port or args.worker:
         allow_joining_groups()
@@ -194,9 +195,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{tag} pid={os.getpid()} inside={format_address(cfg.lb.inside)} vips={vips} admin={admin}",
               flush=True)
 
-    run(serve(cfg, ready, admin=not args.no_admin, io=args.io, reload_requested=lambda: bool(early_sighups)),
+    probe_sources = tuple(_probe_sources(args.probe_source))
+    if not 0 < args.drain_quiet <= args.drain_timeout <= MAX_READY_TIMEOUT:
+        raise UsageError("--drain-quiet and --drain-timeout: need 0 < quiet <= timeout <= "
+                         f"{MAX_READY_TIMEOUT:g} seconds")
+    run(serve(cfg, ready, admin=not args.no_admin, io=args.io, reload_requested=lambda: bool(early_sighups),
+              probe_sources=probe_sources, drain=(args.drain_quiet, args.drain_timeout)),
         loop=args.loop)
     return EXIT_OK
+
+
+def _probe_sources(hosts: Sequence[str]) -> list[str]:
+    """``--probe-source`` values: canonical IP literals, at most one per IP version."""
+    import ipaddress  # noqa: PLC0415
+
+    out: dict[int, str] = {}
+    for host in hosts:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise UsageError(f"--probe-source: not an IP address: {host!r}") from None
+        if ip.is_unspecified or ip.is_multicast:
+            raise UsageError(f"--probe-source: must be a unicast address of this host, got {host}")
+        if ip.version in out:
+            raise UsageError(f"--probe-source: one address per IP version, got {out[ip.version]} and {host}")
+        out[ip.version] = str(ip)
+    return list(out.values())
+
+
+def cmd_announce(args: argparse.Namespace) -> int:
+    from lb.announce import AnnounceSettings, run_announcer  # noqa: PLC0415
+
+    if not (0 < args.interval <= 60 and 0 < args.timeout <= 60 and 1 <= args.rise <= 100 and 1 <= args.fall <= 100):
+        raise UsageError("announce: need 0 < --interval, --timeout <= 60 and 1 <= --rise, --fall <= 100")
+    birdc = ("birdc", "-s", str(args.birdc_socket)) if args.birdc_socket else ("birdc",)
+    return run_announcer(AnnounceSettings(args.healthz, args.protocol, birdc, args.interval, args.timeout,
+                                          args.rise, args.fall))
 
 
 # -- subcommands of other installed packages ----------------------------------------
@@ -236,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io", default=DEFAULT_IO, choices=["asyncio", "batched"],
                    help="datagram I/O: recvmmsg/sendmmsg batches (the default on Linux), or the event "
                         f"loop's endpoints, one datagram per callback (portable) (default {DEFAULT_IO})")
+    p.add_argument("--probe-source", action="append", default=[], metavar="IP",
+                   help="health probes name this address of this LB (one per IP version) as their client, "
+                        "not the VIP: with several LB hosts behind ECMP each LB then hears its own probes' "
+                        "answers, whichever LB returns them (see README, scale-out)")
+    p.add_argument("--drain-quiet", type=float, default=2.0, metavar="SECONDS",
+                   help="SIGUSR1 drains: /healthz answers 503 (the BGP speaker withdraws), then the LB stops "
+                        "once no datagram reached it for this long (default 2)")
+    p.add_argument("--drain-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="stop a drain after this long even if datagrams still arrive (default 60)")
     p.add_argument("--no-admin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", dest="run_log_level", default=None,
@@ -262,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a configuration file")
     c.add_argument("-c", "--config", type=Path, required=True)
     c.set_defaults(func=cmd_check_config)
+
+    a = sub.add_parser("announce", help="BGP speaker control: announce the VIP (a BIRD static protocol) "
+                                        "while the LB's /healthz answers ok, withdraw otherwise")
+    a.add_argument("--healthz", required=True, help="the LB's health URL, http://ADMIN/healthz")
+    a.add_argument("--protocol", default="quiclb_vip", help="BIRD static protocol to enable/disable")
+    a.add_argument("--birdc-socket", type=Path, help="BIRD control socket (default: birdc's)")
+    a.add_argument("--interval", type=float, default=0.2, help="seconds between polls (default 0.2)")
+    a.add_argument("--timeout", type=float, default=0.5, help="seconds a poll may take (default 0.5)")
+    a.add_argument("--rise", type=int, default=2, help="ok answers in a row before announcing (default 2)")
+    a.add_argument("--fall", type=int, default=2, help="failures in a row before withdrawing (default 2; "
+                                                        "503 draining withdraws at once)")
+    a.set_defaults(func=cmd_announce)
 
     add_entry_point_commands(sub)
     return ap

@@ -8,7 +8,12 @@ back through the return path like any reply, leaves from the VIP and reaches
 the probe port — so a healthy verdict means the whole round trip works.
 
 One probe port per VIP address family (a PROXY header's two addresses must be
-of one family). The schedule is :class:`~lb.core.health.HealthTracker`'s; this
+of one family), bound to the VIP's IP, or to this LB's own *probe source*
+for that family (``quiclb run --probe-source``). With several LB hosts behind
+ECMP the answer returns through whichever LB the backend's reply flow hashes
+to; that LB sends it from the VIP to the probe port's address. A VIP-bound
+port exists on every LB, so the answer would land on the wrong one; a per-LB
+unicast address routes it back to the LB that probed. The schedule is :class:`~lb.core.health.HealthTracker`'s; this
 module only reads the event loop's monotonic clock — the clock the table
 updater's tombstones use too — and reports health flips to ``on_change``
 with the services they concern.
@@ -59,8 +64,10 @@ class HealthChecker:
     """Probes every target on the tracker's schedule; ``on_change(services)`` after any flip."""
 
     def __init__(self, datapath: Datapath, tracker: HealthTracker[HealthKey],
-                 on_change: Callable[[set[str]], None]) -> None:
+                 on_change: Callable[[set[str]], None], probe_sources: Iterable[str] = ()) -> None:
         self.datapath = datapath
+        #: IP version -> the host probe ports bind to instead of the VIP's (``--probe-source``).
+        self.probe_sources: dict[int, str] = {ipaddress.ip_address(h).version: h for h in probe_sources}
         self.tracker = tracker
         self._on_change = on_change
         self._encode = ProxyHeaderEncoder().encode
@@ -74,7 +81,8 @@ class HealthChecker:
         for vip in vips:
             family = _family(vip)
             if family not in self._ports:
-                self._ports[family] = await self.datapath.open_probe(vip[0], self._on_reply)
+                host = self.probe_sources.get(family, vip[0])
+                self._ports[family] = await self.datapath.open_probe(host, self._on_reply)
 
     def set_targets(self, targets: Iterable[ProbeTarget], interval: float, timeout: float, threshold: int) -> None:
         """Phase 2 (synchronous): the new schedule and targets; known backends keep their state."""

@@ -131,8 +131,11 @@ class AdminServer:
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
+        draining: Callable[[], bool] | None = None,
     ) -> None:
         self._token = b""
+        #: True while the LB drains: ``/healthz`` answers 503 ``draining`` (its BGP speaker withdraws).
+        self._draining = draining
         self.set_token(token)
         self._snapshot = snapshot
         self._reload = reload
@@ -147,7 +150,7 @@ class AdminServer:
         self.auth_failures = 0
         self.routes: tuple[Route, ...] = (
             Route("GET", "/", self._get_status_page, "status page (static; reads the API with the token)"),
-            Route("GET", "/healthz", self._get_healthz, "liveness; no token"),
+            Route("GET", "/healthz", self._get_healthz, "liveness; no token; 503 draining after SIGUSR1"),
             Route("GET", "/metrics", self._get_metrics, "Prometheus text 0.0.4, or OpenMetrics by Accept"),
             Route("GET", "/backends", self._get_backends, "backends with state and counters"),
             Route("GET", "/services", self._get_services, "services (VIP, configs, linkable)"),
@@ -307,6 +310,8 @@ class AdminServer:
         return Response(200, status_page_html(), HTML_CONTENT_TYPE, status_page_headers())
 
     async def _get_healthz(self, request: Request) -> Response:
+        if self._draining is not None and self._draining():
+            return Response(503, b"draining\n", TEXT_CONTENT_TYPE)
         return Response(200, b"ok\n", TEXT_CONTENT_TYPE)
 
     async def _get_metrics(self, request: Request) -> Response:

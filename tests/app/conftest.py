@@ -129,9 +129,11 @@ def make_deployment(tmp_path: Path, sids: tuple[str, ...] = ("0001", "0002", "00
     return dep
 
 
-async def start_cluster(dep: Deployment, *, network: MemoryNetwork | None = None) -> MemoryCluster:
+async def start_cluster(dep: Deployment, *, network: MemoryNetwork | None = None,
+                        probe_sources: tuple[str, ...] = ()) -> MemoryCluster:
     network = network or MemoryNetwork()
-    lb = LoadBalancer(load_config(dep.path), admin=False, datapath=AsyncioDatapath(network.open_endpoint))
+    lb = LoadBalancer(load_config(dep.path), admin=False, datapath=AsyncioDatapath(network.open_endpoint),
+                      probe_sources=probe_sources)
     cluster = MemoryCluster(dep, network, lb, {})
     for svc in dep.services:
         for spec in svc.backends:

@@ -648,3 +648,15 @@ def test_no_key_material_in_any_route() -> None:
     text = "\n".join(bodies)
     for form in (KEY.hex(), KEY.hex().upper(), ":".join(f"{b:02x}" for b in KEY), TOKEN):
         assert form not in text
+
+
+def test_healthz_answers_503_draining_while_the_lb_drains() -> None:
+    draining = [False]
+
+    async def scenario(server: AdminServer, addr: Addr) -> None:
+        assert (await request(addr, "GET", "/healthz", token=None)).status == 200
+        draining[0] = True
+        reply = await request(addr, "GET", "/healthz", token=None)
+        assert (reply.status, reply.body) == (503, b"draining\n")
+
+    serve(scenario, draining=lambda: draining[0])
