@@ -50,6 +50,7 @@ from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEv
 from backends.apps import ECHO_ALPN
 from backends.client_wire import FrameLogger, WireRecord
 from backends.routable_cids import current_peer_cid, peer_cids
+from backends.stateless import end_silently, is_stateless_reset
 from lb.core.addresses import Address, ip_version
 
 #: Default seconds for the handshake and for each request.
@@ -288,6 +289,15 @@ class EchoClient:
 
     def _datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.wire.datagrams_received += 1
+        conn = self.protocol.connection
+        if self.protocol.terminated is None and is_stateless_reset(conn, data):
+            # aioquic ignores resets (its clients wait for the idle timeout); RFC 9000 §10.3.1.
+            self.wire.stateless_resets += 1
+            end_silently(conn)
+            self.protocol.quic_event_received(
+                ConnectionTerminated(error_code=0, frame_type=None, reason_phrase="stateless reset")
+            )
+            return
         self.protocol.datagram_received(data, addr)
         self._note_peer_cids()
 

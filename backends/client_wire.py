@@ -34,6 +34,8 @@ class WireRecord:
     local_addresses: list[Address] = field(default_factory=list)
     datagrams_sent: int = 0
     datagrams_received: int = 0
+    #: Stateless resets recognised (the connection ended on the first one).
+    stateless_resets: int = 0
 
     @property
     def path_challenges_received(self) -> int:

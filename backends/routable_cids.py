@@ -70,8 +70,13 @@ def install_routable_cids(
     *,
     single_cid: bool = False,
     hold_new_cids: Callable[[], bool] | None = None,
+    reset_token: Callable[[bytes], bytes] | None = None,
 ) -> None:
     """Make every host CID of ``conn`` come from ``next_cid()``.
+
+    ``reset_token``: the stateless reset token of each CID (the sequence-0 one
+    goes out in the ``stateless_reset_token`` transport parameter, later ones in
+    NEW_CONNECTION_ID frames); by default aioquic's random tokens stay.
 
     ``single_cid``: give the client exactly one CID for the life of the
     connection (no NEW_CONNECTION_ID frames) and send the
@@ -103,6 +108,8 @@ def install_routable_cids(
 
     first = fresh()
     entries[0].cid = first
+    if reset_token is not None:
+        entries[0].stateless_reset_token = reset_token(first)
     conn.host_cid = first
     conn._local_initial_source_connection_id = first
 
@@ -115,6 +122,8 @@ def install_routable_cids(
         stock()  # aioquic picks the count, the sequence numbers and the reset tokens
         for entry in conn._host_cids[before:]:
             entry.cid = fresh()
+            if reset_token is not None:
+                entry.stateless_reset_token = reset_token(entry.cid)
 
     if single_cid:
         _restrict_to_one_cid(conn)

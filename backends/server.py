@@ -17,9 +17,11 @@ anti-amplification limit all key on it (acceptance S-8).
 
 Every connection gets its host CIDs from :class:`lb.core.cid_issuer.CidIssuer`
 through :mod:`backends.routable_cids`; the one ``connection_id_length`` of the
-process is the newest cid_config's ``cid_len``. Retry stays off: aioquic's
-Retry uses a random 8-byte SCID and a per-process token key, which breaks
-behind a CID-routing LB.
+process is the newest cid_config's ``cid_len``. aioquic's own Retry (random
+8-byte SCID, per-process key) breaks behind a CID-routing LB; with the
+service's ``retry`` on, tokens in the shared-state format of the LB are
+checked instead, and reset tokens come from the shared reset key
+(:mod:`backends.stateless`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,11 +49,14 @@ from backends.routable_cids import (
     unique_cid_source,
 )
 from backends.settings import RETURN_DIRECT, Address, BackendSettings, source_matcher
+from backends.shim import DecapEndpoint, ReplyShim
+from backends.stateless import Resetter, RetryTokens, reset_token_source
 from backends.stats import BackendStats
 from backends.tls import TlsIdentity, identity_for
 from lb.core.addresses import canonical_host, ip_version
 from lb.core.cid_issuer import CidIssuer
 from lb.core.encapsulation import ProxyHeaderEncoder, decapsulate_untrusted
+from lb.core.retry_token import TokenKey
 from lb.errors import ConfigError, MalformedDatagram
 
 log = logging.getLogger("quiclb.backend")
@@ -59,43 +65,6 @@ log = logging.getLogger("quiclb.backend")
 MAX_PENDING_EVENTS = 64
 #: Requested socket buffer sizes; the kernel may clamp them.
 SOCKET_BUFFER_BYTES = 4 << 20
-
-
-class ReplyShim(asyncio.DatagramTransport):
-    """The only transport aioquic sees: ``sendto`` goes through the backend's return path."""
-
-    def __init__(self, backend: BackendServer) -> None:
-        super().__init__()
-        self._backend = backend
-
-    def sendto(self, data: Any, addr: Any = None) -> None:
-        self._backend.send_reply(bytes(data), addr)
-
-    def close(self) -> None:
-        self._backend.close_socket()
-
-    def abort(self) -> None:
-        self._backend.close_socket()
-
-    def is_closing(self) -> bool:
-        return self._backend.is_closing
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._backend.socket_extra_info(name, default)
-
-
-class DecapEndpoint(asyncio.DatagramProtocol):
-    """The outer socket's protocol: hands every datagram to the backend."""
-
-    def __init__(self, backend: BackendServer) -> None:
-        self._backend = backend
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self._backend.datagram_received(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        self._backend.stats.send_errors += 1
-        log.debug("socket error: %s", exc)
 
 
 class BackendProtocol(QuicConnectionProtocol):
@@ -174,6 +143,19 @@ class BackendServer:
         self.address: Address = settings.address
         self._quic_config = self._quic_configuration()
         self._supported_versions = frozenset(self._quic_config.supported_versions)
+        self._stateless(settings)
+
+    def _stateless(self, settings: BackendSettings) -> None:
+        """Retry tokens shared with the LB and stateless resets (issue 9), from ``settings``."""
+        key = TokenKey.from_secret(settings.retry_key) if settings.retry_key is not None else None
+        self._retry_tokens = RetryTokens(settings.retry, key, self.stats.retry_tokens)
+        self._reset_token = reset_token_source(settings.reset_key, settings.server_id)
+        self._resetter = (
+            None if settings.reset_key is None
+            else Resetter(settings.reset_key, settings.server_id, settings.cid_configs, settings.cid_len)
+        )
+        if self._quic_server is not None:
+            self._retry_tokens.install(self._quic_server)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -195,6 +177,7 @@ class BackendServer:
         self._quic_server = QuicServer(
             configuration=self._quic_config, create_protocol=self._create_protocol, retry=False
         )
+        self._retry_tokens.install(self._quic_server)
         host, port = self.settings.address
         family = socket.AF_INET6 if ip_version(host) == 6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -264,7 +247,7 @@ class BackendServer:
         # of nonces and hands out 0b111 CIDs (§3.2).
         install_routable_cids(
             connection, unique_cid_source(self._next_cid, taken), single_cid=self._single_cid(),
-            hold_new_cids=self._single_cid,
+            hold_new_cids=self._single_cid, reset_token=self._reset_token,
         )
         self.stats.connections_open += 1
         self.stats.connections_total += 1
@@ -321,9 +304,19 @@ class BackendServer:
             stats.reject(exc.reason)
             return
         server = self.quic_server
+        client: NetworkAddress = header.source
         if is_unknown_cid(inner, self.settings.cid_len, self._supported_versions, server):
             stats.unknown_cid_packets += 1
-        client: NetworkAddress = header.source
+            if self._resetter is not None:
+                # A connection this process does not know (it restarted, or the connection ended):
+                # tell the client now instead of letting it wait for its idle timeout.
+                reset = self._resetter.reset_for(inner, client, time.time())
+                if reset is not None:
+                    stats.resets_sent += 1
+                    self.send_reply(reset, client)
+            return  # aioquic would drop it too
+        if self._retry_tokens.per_datagram:
+            self._retry_tokens.before_datagram(server, inner)
         server.datagram_received(inner, client)
 
     def send_reply(self, data: bytes, addr: Any) -> None:
@@ -394,6 +387,7 @@ class BackendServer:
             self.identity = identity
             identity.apply(self._quic_config)  # used by connections created from now on
         self._exact_sources, self._any_port_sources = source_matcher(new.lb_addresses)
+        self._stateless(new)
         self.settings = new
         self.app_identity = BackendIdentity(new.server_id, new.service)
         self.stats.reloads += 1

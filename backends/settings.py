@@ -61,6 +61,11 @@ class BackendSettings:
     supported_versions: tuple[int, ...] | None = None
     #: Server IDs of every backend of the service (for error messages).
     known_server_ids: tuple[bytes, ...] = field(default=())
+    #: The service's ``retry`` ("off", "always", "flood") and the shared token key (issue 9).
+    retry: str = "off"
+    retry_key: bytes | None = field(default=None, repr=False)
+    #: Stateless reset tokens are derived from this key (None: aioquic's random tokens, no resets).
+    reset_key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.cid_configs:
@@ -74,6 +79,10 @@ class BackendSettings:
             )
         if (self.certificate is None) != (self.private_key is None):
             raise ConfigError(f"service {self.service!r}: certificate and private_key go together")
+        if self.retry not in ("off", "always", "flood"):
+            raise ConfigError(f"service {self.service!r}: retry must be 'off', 'always' or 'flood', got {self.retry!r}")
+        if self.retry != "off" and self.retry_key is None:
+            raise ConfigError(f"service {self.service!r}: retry = {self.retry!r} needs retry_key_file")
 
     @property
     def newest_cid_config(self) -> CidConfig:
@@ -166,6 +175,9 @@ def settings_from_config(config: LbConfig, server_id: bytes, service: str | None
         private_key=svc.private_key,
         supported_versions=tuple(versions) if versions else None,
         known_server_ids=known,
+        retry=_mode_text(svc.retry),
+        retry_key=svc.retry_key,
+        reset_key=svc.reset_key,
     )
 
 

@@ -27,6 +27,9 @@ class BackendStats:
     reload_failures: int = 0
     encap_rejected: dict[str, int] = field(default_factory=dict)
     issued_cids: dict[str, int] = field(default_factory=dict)
+    #: Stateless resets sent for CIDs of ours no connection holds; Retry tokens checked, by result.
+    resets_sent: int = 0
+    retry_tokens: dict[str, int] = field(default_factory=dict)
 
     def reject(self, reason: str) -> None:
         self.encap_rejected[reason] = self.encap_rejected.get(reason, 0) + 1

@@ -64,6 +64,11 @@ class ServiceSpec:
     vip_port: int = 0
     cid_configs: list[CidConfigSpec] = field(default_factory=lambda: [CidConfigSpec()])
     backends: list[BackendSpec] = field(default_factory=list)
+    #: Retry offload ("off", "always", "flood") and its threshold; a retry key file is written when on.
+    retry: str = "off"
+    retry_flood_threshold: int | None = None
+    #: Write a reset key file and name it (stateless resets from the LB and the backends).
+    reset_key: bool = False
 
 
 @dataclass
@@ -154,7 +159,7 @@ class Deployment:
             if svc.vip_port == 0:
                 svc.vip_port = free_udp_port(svc.vip_host, held)
             vip = format_address((svc.vip_host, svc.vip_port))
-            lines += ["", "[[service]]", f'name = "{svc.name}"', f'vip = "{vip}"']
+            lines += ["", "[[service]]", f'name = "{svc.name}"', f'vip = "{vip}"', *self._stateless_lines(svc)]
             if self.tls:
                 lines += ['certificate = "tls/cert.pem"', 'private_key = "tls/key.pem"']
             for c in svc.cid_configs:
@@ -179,6 +184,23 @@ class Deployment:
         tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(self.path)  # atomic: a reload never reads a half-written file
         return self.path
+
+
+    def _stateless_lines(self, svc: ServiceSpec) -> list[str]:
+        """The service's retry and reset keys (written once, like `quiclb keygen`) and settings."""
+        lines: list[str] = []
+        for wanted, kind in ((svc.retry != "off", "retry"), (svc.reset_key, "reset")):
+            if not wanted:
+                continue
+            key_path = self.directory / "keys" / f"{svc.name}-{kind}.key"
+            if not key_path.exists():
+                write_key_file(key_path)
+            lines.append(f'{kind}_key_file = "keys/{key_path.name}"')
+        if svc.retry != "off":
+            lines.append(f'retry = "{svc.retry}"')
+        if svc.retry_flood_threshold is not None:
+            lines.append(f"retry_flood_threshold = {svc.retry_flood_threshold}")
+        return lines
 
 
 def _write_self_signed(cert_path: Path, key_path: Path) -> None:

@@ -43,13 +43,18 @@ class QuicCluster:
     cid: CidConfigSpec = field(default_factory=CidConfigSpec)
     backend_args: tuple[str, ...] = ()
     return_mode: str = "via-lb"
+    retry: str = "off"
+    retry_flood_threshold: int | None = None
+    reset_key: bool = False
     dep: Deployment = field(init=False)
     lbs: list[ManagedProcess] = field(default_factory=list)
     backends: dict[str, BackendProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         spec = ServiceSpec(vip_host=self.host, cid_configs=[self.cid],
-                           backends=[BackendSpec(sid, host=self.host) for sid in self.server_ids])
+                           backends=[BackendSpec(sid, host=self.host) for sid in self.server_ids],
+                           retry=self.retry, retry_flood_threshold=self.retry_flood_threshold,
+                           reset_key=self.reset_key)
         self.dep = Deployment(self.directory, [spec], inside_host=self.host, tls=True, return_mode=self.return_mode)
         self.dep.write()
 
