@@ -153,6 +153,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         states = [b.state.value for b in svc.backends]
         print(f"  service {svc.name!r} vip {format_address(svc.vip)}  configs [{modes}]"
               f"  backends {states.count('active')} active, {states.count('draining')} draining"
+              + f"  retry {svc.retry.value}"
+              + (f" (above {svc.retry_flood_threshold}/s)" if svc.retry.value == "flood" else "")
+              + f"  resets {'on' if svc.reset_key is not None else 'off'}"
               + ("  LINKABLE (plaintext CIDs)" if svc.linkable else ""))
     return EXIT_OK
 

@@ -227,3 +227,25 @@ def test_workers_supervisor_gives_up_on_a_worker_that_is_not_ready_in_time(tmp_p
     dep = _deployment(tmp_path, admin=False)
     result = quiclb("run", "-c", str(dep.path), "--workers", "2", "--ready-timeout", "0.001")
     assert_one_line_error(result, 1, "not ready within 0.001 s")
+
+
+# ---- issue 9: retry and reset keys are checked like every other key
+
+
+def test_check_config_shows_retry_and_resets_and_names_a_missing_retry_key(tmp_path: Path) -> None:
+    spec = ServiceSpec(backends=[BackendSpec("0001")], retry="flood", retry_flood_threshold=500, reset_key=True)
+    dep = Deployment(tmp_path, [spec], admin=False)
+    dep.write()
+    ok = quiclb("check-config", "-c", str(dep.path))
+    assert ok.returncode == 0, ok.stderr
+    assert "retry flood (above 500/s)  resets on" in ok.stdout, ok.stdout
+    text = dep.path.read_text()
+    dep.path.write_text(text.replace('retry_key_file = "keys/echo-retry.key"\n', ""))
+    assert_one_line_error(quiclb("check-config", "-c", str(dep.path)), 2, "service[0].retry_key_file", "required")
+    dep.path.write_text(text.replace('retry = "flood"', 'retry = "sometimes"'))
+    assert_one_line_error(quiclb("check-config", "-c", str(dep.path)), 2, "service[0].retry", "'always'")
+    dep.path.write_text(text.replace("retry_flood_threshold = 500", "retry_flood_threshold = 0"))
+    assert_one_line_error(quiclb("check-config", "-c", str(dep.path)), 2, "service[0].retry_flood_threshold")
+    (tmp_path / "keys" / "echo-reset.key").chmod(0o644)
+    dep.path.write_text(text)
+    assert_one_line_error(quiclb("check-config", "-c", str(dep.path)), 2, "reset_key_file", "chmod 600")
