@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic.packet import pull_quic_header
 
 from backends.client import ClientError, EchoClient
 from lb import CidConfig, decode_server_id, encode_cid
@@ -325,3 +327,43 @@ def test_random_cids_of_live_backends_draw_no_reset_from_the_lb(retry_cluster: Q
     finally:
         sock.close()
     assert lb_count(retry_cluster, "quiclb_lb_originated_total", type="reset") == resets_before
+
+
+def test_s9_a_token_replayed_from_another_address_is_dropped(retry_cluster: QuicCluster) -> None:
+    vip = retry_cluster.dep.vip()
+    victim = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    victim.bind(("127.0.6.1", 0))
+    thief = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    thief.bind(("127.0.6.2", 0))
+    victim.settimeout(5.0)
+    try:
+        odcid, scid = os.urandom(8), os.urandom(8)
+        victim.sendto(initial(1, odcid, scid), vip)
+        retry = victim.recv(2048)
+        header = pull_quic_header(Buffer(data=retry), host_cid_length=8)
+        rejected = lb_count(retry_cluster, "quiclb_token_rejected_dropped_total")
+        opened = sum(b.stats()["connections_total"] for b in retry_cluster.backends.values())
+        thief.sendto(initial(1, header.source_cid, scid, token=header.token), vip)
+        wait_for("the replay to be dropped",
+                 lambda: lb_count(retry_cluster, "quiclb_token_rejected_dropped_total") == rejected + 1)
+        assert sum(b.stats()["connections_total"] for b in retry_cluster.backends.values()) == opened
+    finally:
+        victim.close()
+        thief.close()
+
+
+def test_retry_over_the_asyncio_datapath(tmp_path: Path) -> None:
+    cluster = QuicCluster(tmp_path, retry="always")
+    try:
+        cluster.start(lbs=0)
+        cluster.start_lb("--io", "asyncio")
+        host, port = cluster.dep.vip()
+
+        async def scenario() -> bytes:
+            async with EchoClient.connect(host, port, cafile=str(cluster.dep.cert_path), timeout=5.0) as c:
+                return await c.echo(b"via asyncio")
+
+        assert asyncio.run(scenario()) == b"via asyncio"
+        assert retries(cluster) == 1
+    finally:
+        cluster.close()
