@@ -26,10 +26,12 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q --upgrade 'pip>=25.1'
 	$(PY) -m pip install -q --group dev -e .
 	@# Tests drive independent programs (Debian packages, one apt-get update for all): ngtcp2's
-	@# QUIC client for the interop tests, headless Chromium for the status-page test, and
-	@# systemd-analyze to verify deploy/systemd (the package is not started in a container).
+	@# QUIC client for the interop tests, headless Chromium for the status-page test,
+	@# systemd-analyze to verify deploy/systemd (the package is not started in a container), and
+	@# BIRD 2 for the scale-out topology (BGP in network namespaces; its service is not started).
 	@missing=""; \
 	  command -v gtlsclient >/dev/null || missing="$$missing ngtcp2-client"; \
+	  command -v bird >/dev/null || [ -x /usr/sbin/bird ] || missing="$$missing bird2"; \
 	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	  if [ -n "$$missing" ]; then \
@@ -66,6 +68,13 @@ test-optin: $(STAMP) ## the nightly-size acceptance runs
 .PHONY: demo
 demo: $(STAMP) ## the main job: an LB and three backends on loopback, real QUIC clients through them
 	$(VENV)/bin/quiclb demo
+
+.PHONY: demo-scaleout
+demo-scaleout: $(STAMP) ## 3 LBs behind one VIP: namespaces, kernel ECMP, BGP (BIRD), real QUIC clients (root); numbers -> bench/reference/scaleout.json
+	@if [ "$$(id -u)" != 0 ]; then \
+	  echo "make demo-scaleout needs root: it creates network namespaces, veths and routes (run: sudo make demo-scaleout)"; \
+	  exit 1; fi
+	$(VENV)/bin/quiclb demo-scaleout --out bench/reference/scaleout.json
 
 # The bench dependency group (matplotlib, for the load benchmark's plot), installed once.
 BENCH_STAMP := $(VENV)/.bench-stamp

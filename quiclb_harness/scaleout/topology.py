@@ -198,7 +198,7 @@ class ScaleoutTopology:
         ns.ip("addr", "add", f"{INSIDE}/32", "dev", "lo")
         # Probe answers come back from the VIP, an address this host holds too: accept_local.
         ns.sysctl(net__ipv4__conf__all__accept_local=1, net__ipv4__conf__eth0__accept_local=1,
-                  net__ipv4__conf__all__rp_filter=0, net__ipv4__conf__eth0__rp_filter=0)
+                  net__ipv4__conf__all__rp_filter=2, net__ipv4__conf__eth0__rp_filter=2)
         self.router.ip("link", "set", f"lb{index}", "up")
         ns.ip("link", "set", "eth0", "up")
         ns.ip("route", "add", "default", "via", router_addr)

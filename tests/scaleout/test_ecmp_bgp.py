@@ -117,3 +117,16 @@ def test_without_probe_source_probe_answers_reach_the_wrong_lb(tmp_path: Path) -
             assert down > 0, driver.results.health
         finally:
             driver.close()
+
+
+@pytest.mark.optin
+def test_acceptance_at_opt_in_size(tmp_path: Path) -> None:
+    """W(300, 0.5 s): the same sequence at three times the CI size (``make test-optin``)."""
+    res = run_via_lb(tmp_path, clients=300, interval=0.5, spread_seconds=5.0)
+    assert all(n > 0 for n in res.spread.values()), res.spread
+    assert res.kill["host"]["mechanism"] == "BFD", res.kill
+    for key in ("host", "process"):
+        _no_loss_across(res.kill[key])
+    assert all(h["completed"] == h["total"] and h["misplaced"] == 0 for h in res.handshakes.values()), res.handshakes
+    assert res.drain["ingress_after_withdrawal"] == 0 and res.drain["exit_code"] == 0, res.drain
+    assert res.workload["lost"] == 0, res.workload["summary"]
