@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 DOWNLOAD_BYTES = 2 * 1024 * 1024
 DOWNLOAD_TIMEOUT = 30.0
 H3 = "h3"
+#: Probe answers each LB must have heard from each backend before "every LB sees every backend healthy".
+MIN_PROBE_REPLIES = 3
 #: A handshake slower than this lost a datagram on the way and was recovered by retransmission.
 SLOW_HANDSHAKE = 0.5
 
@@ -47,7 +49,10 @@ class Results:
 
     lbs: int = 0
     return_mode: str = ""
-    health: dict[str, dict[str, bool]] = field(default_factory=dict)  # LB -> backend -> healthy
+    health: dict[str, dict[str, bool]] = field(default_factory=dict)  # LB -> backend -> healthy and answering
+    health_end: dict[str, dict[str, bool]] = field(default_factory=dict)  # the same after every step
+    #: "backend ... is down" log lines per LB over the run: a health flip changes that LB's fallback table.
+    health_flips: dict[str, int] = field(default_factory=dict)
     spread: dict[str, int] = field(default_factory=dict)  # LB -> client datagrams during the spread window
     kill: dict[str, Any] = field(default_factory=dict)
     drain: dict[str, Any] = field(default_factory=dict)
@@ -90,10 +95,12 @@ class Driver:
     def rx(self, index: int) -> int:
         return self.counter(index, "quiclb_rx_client_datagrams")
 
-    def health_matrix(self) -> dict[str, dict[str, bool]]:
+    def health_matrix(self, min_replies: int = MIN_PROBE_REPLIES) -> dict[str, dict[str, bool]]:
+        """LB -> backend -> healthy with probe answers heard (backends start healthy before any answer)."""
         out = {}
         for i in self.topo.live():
-            out[f"lb{i}"] = {b["server_id"]: bool(b["healthy"]) for b in self.topo.admin_json(i, "/backends")}
+            out[f"lb{i}"] = {b["server_id"]: bool(b["healthy"]) and b["probe_replies"] >= min_replies
+                             for b in self.topo.admin_json(i, "/backends")}
         return out
 
     def wait_all_healthy(self, timeout: float = 20.0) -> bool:
@@ -255,6 +262,12 @@ class Driver:
         return record
 
     def final_counters(self) -> None:
+        self.results.health_end = self.health_matrix()
+        for p in self.topo.processes:
+            if p.name.startswith("quiclb-"):
+                lb = "lb" + p.name.removeprefix("quiclb-")
+                flips = sum(" is down" in line for line in p.lines)
+                self.results.health_flips[lb] = self.results.health_flips.get(lb, 0) + flips
         names = ("quiclb_rx_client_datagrams", "quiclb_fallback_routed", "quiclb_cid_routed", "quiclb_tx_to_client",
                  "quiclb_rx_backend_datagrams")
         for i in self.topo.live():
@@ -316,6 +329,7 @@ class HandshakeStream:
             "slow": sum(r.ended - r.started > SLOW_HANDSHAKE for r in done),
             "in_flight_at_change": len(in_flight),
             "misplaced": sum(r.served_by != r.predicted for r in done),
+            "misplaced_examples": [(r.local, r.served_by, r.predicted) for r in done if r.served_by != r.predicted][:5],
             "errors": [r.error for r in self.records if r.error][:3],
         }
 

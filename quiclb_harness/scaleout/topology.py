@@ -95,7 +95,7 @@ class ScaleoutTopology:
     return_mode: str = "via-lb"
     timers: Timers = field(default_factory=Timers)
     io: str = "batched"
-    health_interval: float = 0.2
+    health_interval: float = 0.5
     #: False: the LBs probe from the VIP as a single LB does (to show why several need --probe-source).
     probe_source: bool = True
     prefix: str = field(default_factory=unique_prefix)

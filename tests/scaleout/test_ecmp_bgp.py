@@ -42,6 +42,12 @@ def test_every_lb_reports_every_backend_healthy(run: Results) -> None:
         assert set(row) == BACKENDS and all(row.values()), f"{lb} sees {row}"
 
 
+def test_no_lb_ever_saw_a_backend_down(run: Results) -> None:
+    """A health flip would change that LB's fallback table (and is what a probe answer lost to another LB caused)."""
+    assert all(all(row.values()) for row in run.health_end.values()), run.health_end
+    assert sum(run.health_flips.values()) == 0, run.health_flips
+
+
 def test_flows_spread_over_all_three_lbs(run: Results) -> None:
     assert set(run.spread) == {"lb1", "lb2", "lb3"}
     assert all(n > 0 for n in run.spread.values()), run.spread
