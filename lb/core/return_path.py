@@ -28,7 +28,10 @@ Checks, in order; each failure is one counted reason and nothing is sent:
 
 Health probes need no special case: the LB's health checker is just another
 client (its own socket), so a probe's answer comes back through this path like
-any reply.
+any reply. With several LB hosts behind ECMP that may be another LB's path:
+each LB probes from its own unicast address (``quiclb run --probe-source``),
+so whichever LB returns the answer sends it to the prober, and check 4 still
+refuses the addresses that would loop (the VIPs and the inside address).
 
 Sans-IO: ``handle`` takes bytes and the sender's address; the adapters send.
 """
