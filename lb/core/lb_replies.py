@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from lb.core.addresses import Address
 from lb.core.cid_config import CidConfig
-from lb.core.cid_encoder import encode_cid, unroutable_cid
+from lb.core.cid_encoder import MIN_UNROUTABLE_CID_LEN, unroutable_cid
 from lb.core.retry_token import MAX_TOKENS_PER_KEY, TokenKey, TokenResult, make_retry_token, open_retry_token
 from lb.core.stateless_packets import build_reset, build_retry, reset_length, reset_token
 
@@ -45,7 +45,7 @@ class RetryPolicy:
     key: TokenKey = field(repr=False)
     #: "flood": tokenless Initials per second (this process) above which Retry starts.
     flood_threshold: int
-    #: The configuration backends issue CIDs with: Retry SCIDs are routable CIDs of it.
+    #: The configuration backends issue CIDs with: Retry SCIDs are as long as its CIDs.
     cid_config: CidConfig = field(repr=False)
 
 
@@ -104,8 +104,6 @@ class LbReplies:
         self.rate_limited = {RETRY: 0, RESET: 0}
         self.bytes_sent = 0
         self.tokens: dict[str, int] = {}
-        #: Routable Retry SCIDs minted with random nonces, per CID key (S-4: <= 2^(bits/2)).
-        self._random_nonces: dict[tuple[int, bytes | None], int] = {}
         #: Tokens minted per token key (S-9: <= 2^23).
         self._minted: dict[bytes, int] = {}
 
@@ -128,8 +126,7 @@ class LbReplies:
             return True
         return self.flood.tokenless(self.clock(), policy.flood_threshold)
 
-    def retry(self, policy: RetryPolicy, client: Address, server_id: bytes, *, version: int, odcid: bytes,
-              client_scid: bytes) -> bool:
+    def retry(self, policy: RetryPolicy, client: Address, *, version: int, odcid: bytes, client_scid: bytes) -> bool:
         """Queue a Retry for this Initial; False when rate-limited or the key is used up."""
         now = self.clock()
         if not self.limiter.allow(client[0], now):
@@ -138,10 +135,13 @@ class LbReplies:
         key_id = policy.key.key  # by value: a reload re-reads the same key
         minted = self._minted.get(key_id, 0)
         if minted >= MAX_TOKENS_PER_KEY:
-            self.rate_limited[RETRY] += 1  # a new retry_key_file is needed; the LB logs it
+            self.rate_limited[RETRY] += 1  # a new retry_key_file is needed
             return False
         self._minted[key_id] = minted + 1
-        rscid = self._retry_scid(policy.cid_config, server_id)
+        # Unroutable (0b111, random): the retried Initial takes the fallback, which puts it on
+        # the backend that would have had it (same 4-tuple) and lets this LB check its token; an
+        # Initial whose DCID routes to a backend is let through unchecked (see Router._retry_gate).
+        rscid = unroutable_cid(max(policy.cid_config.cid_len, MIN_UNROUTABLE_CID_LEN))
         token = make_retry_token(policy.key, client, odcid, rscid, now=now, token_number=self.random_bytes(12))
         packet = build_retry(version, client_scid=client_scid, retry_scid=rscid, odcid=odcid, token=token,
                              unused_bits=self.random_bytes(1)[0])
@@ -150,17 +150,6 @@ class LbReplies:
 
     def tokens_minted(self, policy: RetryPolicy) -> int:
         return self._minted.get(policy.key.key, 0)
-
-    def _retry_scid(self, cfg: CidConfig, server_id: bytes) -> bytes:
-        """A routable CID of the backend the fallback picked, so the retried Initial goes there
-        by CID whatever happens to the fallback table meanwhile; an unroutable one (which the
-        fallback places by 4-tuple, on that same backend) once random nonces would risk a repeat."""
-        key_id = (cfg.config_id, cfg.key)
-        used = self._random_nonces.get(key_id, 0)
-        if cfg.key is None or used >= 1 << (4 * cfg.nonce_len) or len(server_id) != cfg.server_id_len:
-            return unroutable_cid(max(cfg.cid_len, 8))
-        self._random_nonces[key_id] = used + 1
-        return encode_cid(cfg, server_id, self.random_bytes(cfg.nonce_len))
 
     # -- Stateless reset -------------------------------------------------------------
 

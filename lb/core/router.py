@@ -196,11 +196,14 @@ class Router(BatchRouting):
     ) -> RouteDecision | None:
         """Retry offload for one Initial: None lets it be routed, else the drop or the Retry.
 
-        A token is checked whenever Retry is configured (the draft's shared-state
-        mode): valid ones are routed, others dropped. A tokenless Initial gets a
-        Retry while Retry is active, unless its DCID routes to a live backend: then
-        it is a second-flight Initial of a handshake under way (the client already
-        switched to the backend's CID), which a Retry would break.
+        An Initial whose DCID routes to a live backend belongs to a handshake that
+        backend has admitted (the client switched to the backend's CID; its later
+        Initials still carry the token, which was bound to the Retry's SCID): it
+        goes through, token or not, and the backend checks any token itself should
+        it have to open a connection. Otherwise a token is checked here and only a
+        valid one is routed; a tokenless Initial gets a Retry while Retry is active.
+        The Retry's SCID is unroutable, so the retried Initial comes back through
+        the fallback and its token is checked here.
         """
         table = self.table
         policy = table.retry
@@ -209,6 +212,8 @@ class Router(BatchRouting):
         token = initial_token(datagram, len(dcid), len(fields.scid))
         if token is None:
             return self._malformed_drop("truncated")
+        if dec is not None and self._routes_to_live_backend(dcid[: dec.cid_len], dec):
+            return None
         replies = self.replies
         if token and not token[0] & 0x80:  # a Retry token (type 0); NEW_TOKEN ones are never ours
             if replies.token_valid(policy, token, client(), dcid):
@@ -216,16 +221,13 @@ class Router(BatchRouting):
             return self._drop(Outcome.TOKEN_REJECTED)
         if not replies.retry_active(policy):
             return None
-        if dec is not None and self._routes_to_live_backend(dcid[: dec.cid_len], dec):
-            return None
         if len(datagram) < MIN_INITIAL_DATAGRAM:
             return self._malformed_drop("small_initial")  # no server may answer it (RFC 9000 §14.1)
         address = client()
-        sid = table.maglev.lookup(four_tuple_key(address, table.vip))
-        if sid is None:
+        if table.maglev.lookup(four_tuple_key(address, table.vip)) is None:
             return self._drop(Outcome.NO_BACKEND_DROPPED)
         assert fields.version is not None
-        if replies.retry(policy, address, sid, version=fields.version, odcid=dcid, client_scid=fields.scid):
+        if replies.retry(policy, address, version=fields.version, odcid=dcid, client_scid=fields.scid):
             return self._drop(Outcome.RETRY_SENT)
         return self._drop(Outcome.RETRY_RATE_LIMITED)
 

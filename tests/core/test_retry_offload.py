@@ -15,7 +15,7 @@ from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.packet import get_retry_integrity_tag, pull_quic_header
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from lb import CidConfig, decode_server_id, encode_cid
+from lb import CidConfig, encode_cid
 from lb.core.lb_replies import REPLIES_PER_SOURCE, FloodMeter, RetryPolicy, SourceLimiter
 from lb.core.maglev import four_tuple_key
 from lb.core.outcomes import Outcome
@@ -239,16 +239,20 @@ def test_retry_then_token_reaches_the_backend_the_fallback_picks(entry: str) -> 
         header = pull_quic_header(Buffer(data=packet), host_cid_length=8)
         assert header.destination_cid == scid
         expected = router.table.maglev.lookup(four_tuple_key(client, VIP))
-        assert decode_server_id(CFG, header.source_cid) == expected  # a routable CID of that backend
+        assert header.source_cid[0] >> 5 == 0b111  # unroutable: the retried Initial takes the fallback
         second = initial(QUIC_V1, header.source_cid, scid, token=header.token)
         outcome, backend = route(second)
+        assert outcome is Outcome.FALLBACK_INITIAL and backend is not None and backend.server_id == expected
+        # The client's later Initials carry the token but the backend's CID: they go through unchecked.
+        later = initial(QUIC_V1, encode_cid(CFG, expected, rng.randbytes(6)), scid, token=header.token)
+        outcome, backend = route(later)
         assert outcome is Outcome.CID_ROUTED and backend is not None and backend.server_id == expected
         assert route(second, (client[0], client[1] + 1)) == (Outcome.TOKEN_REJECTED, None)  # replay, new port
         assert route(second, ("203.0.113.9", client[1])) == (Outcome.TOKEN_REJECTED, None)  # replay, new IP
     stats = router.stats()
     assert stats.lb_originated == {"retry": 200, "reset": 0}
     assert stats.retry_tokens == {"valid": 200, "wrong_address": 200, "invalid": 200}
-    assert stats.total_outcomes() == stats.rx_client_datagrams == 800
+    assert stats.total_outcomes() == stats.rx_client_datagrams == 1000
 
 
 def test_expired_and_foreign_key_tokens_are_dropped() -> None:

@@ -96,6 +96,7 @@ def test_aioquic_clients_through_retry_one_retry_each(retry_cluster: QuicCluster
     host, port = retry_cluster.dep.vip()
     before = retries(retry_cluster)
     valid_before = lb_count(retry_cluster, "quiclb_retry_tokens_total", result="valid")
+    rejected_before = lb_count(retry_cluster, "quiclb_token_rejected_dropped_total")
 
     async def scenario() -> list[bytes]:
         out = []
@@ -107,6 +108,8 @@ def test_aioquic_clients_through_retry_one_retry_each(retry_cluster: QuicCluster
     assert asyncio.run(scenario()) == [b"hello %d" % n for n in range(8)]
     assert retries(retry_cluster) - before == 8
     assert lb_count(retry_cluster, "quiclb_retry_tokens_total", result="valid") - valid_before >= 8
+    # No Initial of these handshakes was dropped: the later ones carry the token and the backend's CID.
+    assert lb_count(retry_cluster, "quiclb_token_rejected_dropped_total") == rejected_before
 
 
 # --- D-4: a flood of tokenless Initials ------------------------------------------------------------
