@@ -26,7 +26,7 @@ CHILD = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGHUP)  # delivered now, while the configuration loads
         return real_load(path)
 
-    async def fake_serve(cfg, ready, *, admin, io, reload_requested=None):
+    async def fake_serve(cfg, ready, *, admin, io, reload_requested=None, **_scaleout):
         print("RELOAD-REQUESTED", bool(reload_requested and reload_requested()), flush=True)
 
     lb.cli.load_config = load_with_sighup
