@@ -315,8 +315,13 @@ class BackendServer:
                     stats.resets_sent += 1
                     self.send_reply(reset, client)
             return  # aioquic would drop it too
-        if self._retry_tokens.per_datagram:
-            self._retry_tokens.before_datagram(server, inner)
+        retry = self._retry_tokens
+        if retry.handler is not None:
+            if retry.refuses(inner):
+                stats.reject("initial_dcid")
+                return
+            if retry.per_datagram:
+                retry.before_datagram(server, inner)
         server.datagram_received(inner, client)
 
     def send_reply(self, data: bytes, addr: Any) -> None:

@@ -46,7 +46,14 @@ from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import decode_server_id
 from lb.core.lb_replies import SourceLimiter
 from lb.core.quic_constants import FIXED_BIT, HEADER_FORM_LONG, INITIAL_TYPE_BITS
-from lb.core.retry_token import TokenKey, TokenResult, make_retry_token, open_retry_token
+from lb.core.retry_token import (
+    MAX_ODCID_LEN,
+    MIN_ODCID_LEN,
+    TokenKey,
+    TokenResult,
+    make_retry_token,
+    open_retry_token,
+)
 from lb.core.stateless_packets import RESET_TOKEN_LEN, build_reset, initial_token, reset_length, reset_token
 
 __all__ = [
@@ -115,6 +122,17 @@ class RetryTokens:
 
         #: "flood" sets the handler per datagram (:meth:`before_datagram`); the others once (:meth:`install`).
         self.per_datagram = self.handler is not None and mode == "flood"
+
+    def refuses(self, datagram: bytes) -> bool:
+        """A tokenless Initial with a DCID the token format cannot hold (RFC 9000 §7.2: 8..20 bytes):
+        aioquic would ask :class:`SharedRetryTokens` for a Retry token it cannot make. Only such an
+        Initial that reached us around the LB (which drops it) can be one."""
+        if self.handler is None or len(datagram) < 7 or datagram[0] & 0xC0 != 0xC0:
+            return False
+        version = int.from_bytes(datagram[1:5], "big")
+        if INITIAL_TYPE_BITS.get(version) != (datagram[0] >> 4) & 0b11:
+            return False
+        return not MIN_ODCID_LEN <= datagram[5] <= MAX_ODCID_LEN and not initial_has_token(datagram)
 
     def install(self, server: QuicServer) -> None:
         install_retry_handler(server, None if self.per_datagram else self.handler)

@@ -45,6 +45,7 @@ from lb.core.maglev import four_tuple_key
 from lb.core.outcomes import OUTCOMES, CidRoute, LongHeader, Outcome, RouteDecision, RouterStats
 from lb.core.quic_constants import MIN_INITIAL_DATAGRAM
 from lb.core.quic_header import RoutingFields, parse_routing_fields_untrusted
+from lb.core.retry_token import MAX_ODCID_LEN, MIN_ODCID_LEN
 from lb.core.service_table import Backend, ServiceTable
 from lb.core.stateless_packets import initial_token
 from lb.errors import MalformedDatagram
@@ -223,6 +224,8 @@ class Router(BatchRouting):
             return None
         if len(datagram) < MIN_INITIAL_DATAGRAM:
             return self._malformed_drop("small_initial")  # no server may answer it (RFC 9000 §14.1)
+        if not MIN_ODCID_LEN <= len(dcid) <= MAX_ODCID_LEN:
+            return self._malformed_drop("initial_dcid")  # a client's first DCID has 8..20 bytes (RFC 9000 §7.2)
         address = client()
         if table.maglev.lookup(four_tuple_key(address, table.vip)) is None:
             return self._drop(Outcome.NO_BACKEND_DROPPED)

@@ -143,3 +143,12 @@ def test_initial_has_token() -> None:
     assert initial_has_token(initial(0x6B3343CF, bytes(8), bytes(8), token=b"t"))
     assert not initial_has_token(initial(1, bytes(8), bytes(8)))
     assert not initial_has_token(short_header(bytes(17)))
+
+
+def test_tokenless_initials_with_dcids_no_token_can_hold_are_refused() -> None:
+    always = RetryTokens("always", TokenKey.from_secret(bytes(16)), {})
+    assert always.refuses(initial(1, bytes(7), bytes(8)))
+    assert always.refuses(initial(1, b"", bytes(8)))
+    assert not always.refuses(initial(1, bytes(8), bytes(8)))
+    assert not always.refuses(initial(1, bytes(7), bytes(8), token=b"t" * 60))  # checked, and refused, by aioquic
+    assert not RetryTokens("off", None, {}).refuses(initial(1, bytes(7), bytes(8)))

@@ -450,6 +450,8 @@ ROWS: list[Row] = [
             "retry", Outcome.TOKEN_REJECTED),
     malformed("retry: tokenless Initial under 1200 bytes", initial(QUIC_V1, CLIENT_DCID, SCID8, pad_to=1100),
               "small_initial", "retry"),
+    malformed("retry: tokenless Initial with a 7-byte DCID", initial(QUIC_V1, CLIENT_DCID[:7], SCID8),
+              "initial_dcid", "retry"),
     routed("retry: short header, live backend", short_header(CID_A), "retry", A),
     dropped("reset: short header of a removed backend", short_header(CID_T), "retry", Outcome.RESET_SENT,
             passes=1),
@@ -465,7 +467,7 @@ def test_rows_are_unique_and_cover_every_outcome_and_reason() -> None:
     assert len(descs) == len(set(descs))
     assert {r.outcome for r in ROWS} | MULTI_DATAGRAM_OUTCOMES == set(Outcome)
     reasons = {k.split(":", 1)[1] for r in ROWS for k in r.extra if k.startswith("malformed:")}
-    assert reasons == {"empty", "truncated", "fixed_bit", "cid_too_long", "small_initial"}
+    assert reasons == {"empty", "truncated", "fixed_bit", "cid_too_long", "small_initial", "initial_dcid"}
 
 
 #: The router's two entry points; shared tests run through both (route_batch with batches of one,
@@ -568,14 +570,14 @@ def expected_sid(tbl: ServiceTable, datagram: bytes) -> bytes | None:
     return decode_server_id(list(tbl.cid_configs), dcid)
 
 
-@pytest.mark.parametrize("kind", ["single", "four4+switch", "rotation", "drained", "plain+switch"])
+@pytest.mark.parametrize("kind", ["single", "four4+switch", "rotation", "drained", "plain+switch", "retry"])
 def test_f1_random_datagrams(kind: str) -> None:
     tbl = table(kind)
     rng = random.Random(f"F-1 {kind}")
     routable = [cid(m, k, seed=s) for m in ("single", "four4", "plain") for k in (A, B, C, T, U) for s in range(3)]
     routable += [cid("x", k, cfg=ROT1) for k in (A, B, U)]
     router = Router(tbl, cache_size=256)
-    n = 100_000 if kind == "single" else 2_500  # acceptance F-1: 10^5 in CI
+    n = {"single": 100_000, "retry": 20_000}.get(kind, 2_500)  # acceptance F-1: 10^5 in CI
     seen: Counter[Outcome] = Counter()
     for _ in range(n):
         datagram = random_datagram(rng, routable)
