@@ -13,6 +13,7 @@ long-lived connections:
 6. LB 3 drains (SIGUSR1) while handshakes stream.
 
 ``direct`` (DSR): health and spread only, replies leave the backends from the VIP.
+``run_hold_timer``: BFD off, an LB host dies; only the BGP hold timer withdraws it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from quiclb_harness.scaleout.bird import Timers
 from quiclb_harness.scaleout.clients import ngtcp2_get
 from quiclb_harness.scaleout.scenarios import Driver, Results
 from quiclb_harness.scaleout.topology import ScaleoutTopology
@@ -81,6 +83,21 @@ def run_direct(directory: Path, *, clients: int = 30, interval: float = 0.5, pro
             driver.finish_workload(workload, future)
             progress(f"direct: health {driver.results.health}; spread {driver.results.spread}; "
                      f"{driver.results.workload['summary']}")
+            return driver.results
+        finally:
+            driver.close()
+
+
+def run_hold_timer(directory: Path, *, clients: int = 30, interval: float = 0.5,
+                   progress: Progress = _quiet) -> Results:
+    """Without BFD: an LB host stops dead and only the BGP hold timer withdraws it (why BFD is on)."""
+    with ScaleoutTopology(directory / "topology-hold", lbs=3, timers=Timers(bfd=False)) as topo:
+        driver = Driver(topo)
+        try:
+            workload, future = driver.open_workload(clients, interval, max_duration=120)
+            record = driver.kill_mid_transfer(2, host=True, downloads=2)
+            driver.finish_workload(workload, future)
+            progress(f"without BFD: {record}; {driver.results.workload['summary']}")
             return driver.results
         finally:
             driver.close()

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quiclb_harness.scaleout.acceptance import run_direct, run_via_lb
+from quiclb_harness.scaleout.acceptance import run_direct, run_hold_timer, run_via_lb
 from quiclb_harness.scaleout.bird import Timers
 from quiclb_harness.scaleout.netns import have_root
 from quiclb_harness.scaleout.scenarios import Results
@@ -106,6 +106,7 @@ def run_scaleout_demo(out: Path | None = None, workdir: Path | None = None, keep
     try:
         via_lb = run_via_lb(directory, clients=CLIENTS, interval=INTERVAL, progress=print)
         direct = run_direct(directory, progress=print)
+        hold = run_hold_timer(directory, progress=print)
     finally:
         if not keep and workdir is None:
             shutil.rmtree(directory, ignore_errors=True)
@@ -113,6 +114,11 @@ def run_scaleout_demo(out: Path | None = None, workdir: Path | None = None, keep
     print()
     for ok, text in held:
         print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    hk = hold.kill.get("host", {})
+    info = (f"without BFD (hold {Timers().hold} s): LB host withdrawn by {hk.get('mechanism')} in "
+            f"{hk.get('withdrawal_ms')} ms, {hk.get('datagrams_lost')} datagrams lost; "
+            f"{hold.workload.get('summary')}")
+    print(f"[INFO] {info}")
     timers = Timers()
     record: dict[str, Any] = {
         "commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -121,8 +127,9 @@ def run_scaleout_demo(out: Path | None = None, workdir: Path | None = None, keep
         "timers": {"bgp_hold_s": timers.hold, "bgp_keepalive_s": timers.keepalive,
                    "bfd_interval_ms": timers.bfd_interval_ms, "bfd_multiplier": timers.bfd_multiplier,
                    "announce_interval_s": 0.1, "announce_fall": 2},
-        "via_lb": via_lb.as_json(), "direct": direct.as_json(),
+        "via_lb": via_lb.as_json(), "direct": direct.as_json(), "hold_timer_only": hold.as_json(),
         "promises": [{"held": ok, "text": text} for ok, text in held],
+        "info": [info],
     }
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

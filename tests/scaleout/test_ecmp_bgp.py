@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from quiclb_harness.scaleout.acceptance import run_direct, run_via_lb
+from quiclb_harness.scaleout.acceptance import run_direct, run_hold_timer, run_via_lb
 from quiclb_harness.scaleout.netns import have_root
 from quiclb_harness.scaleout.scenarios import Driver, Results
 from quiclb_harness.scaleout.topology import ScaleoutTopology
@@ -136,3 +136,14 @@ def test_acceptance_at_opt_in_size(tmp_path: Path) -> None:
     assert all(h["completed"] == h["total"] and h["misplaced"] == 0 for h in res.handshakes.values()), res.handshakes
     assert res.drain["ingress_after_withdrawal"] == 0 and res.drain["exit_code"] == 0, res.drain
     assert res.workload["lost"] == 0, res.workload["summary"]
+
+
+@pytest.mark.optin
+def test_without_bfd_only_the_hold_timer_withdraws_a_dead_host(tmp_path: Path) -> None:
+    """Why BFD is on: without it a dead LB host keeps its share of the flows for the whole hold time."""
+    res = run_hold_timer(tmp_path)
+    host = res.kill["host"]
+    assert host["mechanism"] == "BGP hold timer", host
+    # The hold timer runs from the last keepalive (every 1 s): 2-3 s after the death, plus the route change.
+    assert host["withdrawal_ms"] is not None and 1500 <= host["withdrawal_ms"] <= 6000, host
+    assert host["downloads_completed"] == host["downloads"] and host["new_handshakes"] == 0, host
