@@ -37,7 +37,7 @@ def have_root() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, veths, routes): run as root, e.g. `sudo make demo-scaleout`"
     dirs = [*os.environ.get("PATH", "").split(":"), "/usr/sbin", "/sbin"]
-    for tool in ("ip", "bird", "birdc", "tc"):
+    for tool in ("ip", "bird", "birdc"):
         if not any(os.access(os.path.join(d, tool), os.X_OK) for d in dirs):
             return f"needs {tool!r} (apt-get install iproute2 bird2); `make install` installs bird2"
     return None
