@@ -44,8 +44,8 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicConnecti
 from lb.core.addresses import Address
 from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import decode_server_id
-from lb.core.lb_replies import SourceLimiter
 from lb.core.quic_constants import FIXED_BIT, HEADER_FORM_LONG, INITIAL_TYPE_BITS
+from lb.core.rate_limit import SourceLimiter
 from lb.core.retry_token import (
     MAX_ODCID_LEN,
     MIN_ODCID_LEN,

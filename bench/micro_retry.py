@@ -49,7 +49,7 @@ def router(retry: bool) -> Router:
         retry=RetryPolicy("always", TokenKey.from_secret(bytes(range(16, 32))), 2000, CFG) if retry else None,
         reset_key=bytes(range(32, 48)),
     )
-    return Router(table)
+    return Router(table, clock=time.time)
 
 
 def clients(n: int) -> list[tuple[str, int]]:

@@ -40,6 +40,9 @@ BACKENDS_MAY_IMPORT = frozenset({
     "lb.core.encapsulation",
     "lb.core.quic_constants",
     "lb.core.quic_header",
+    "lb.core.rate_limit",  # the per-source limit on resets (acceptance A-4), the same on both sides
+    "lb.core.retry_token",  # the shared-state Retry token format (issue 9)
+    "lb.core.stateless_packets",  # Retry and reset packets, reset token derivation
     "lb.errors",
 })
 

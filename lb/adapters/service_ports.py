@@ -9,6 +9,7 @@ stay visible in the metrics.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from lb.adapters.datapath import Datapath, VipPort
@@ -33,7 +34,7 @@ class ServicePorts:
     async def open(self, services: Services, tables: Mapping[str, ServiceTable]) -> None:
         """At start: a router and a port for every service."""
         for name, vip in services:
-            self.routers[name] = Router(tables[name])
+            self.routers[name] = Router(tables[name], clock=time.time)
             self.ports[name] = await self.datapath.open_vip(name, vip, self.routers[name])
 
     async def prepare(self, services: Services, tables: Mapping[str, ServiceTable]) -> Callable[[], None]:
@@ -47,7 +48,7 @@ class ServicePorts:
                 port = self.ports.get(name)
                 if port is not None and port.vip == normalize_address(vip):
                     continue
-                router = self.routers.get(name) or Router(tables[name])
+                router = self.routers.get(name) or Router(tables[name], clock=time.time)
                 opened[name] = (router, await self.datapath.open_vip(name, vip, router))
         except BaseException:
             for _, port in opened.values():

@@ -8,13 +8,11 @@ the adapter, which sends them from the VIP socket after each batch.
 
 Amplification (acceptance A-4): a Retry answers a datagram of at least 1200
 bytes with about 100, a reset is always shorter than its trigger, and each
-source IP gets at most :data:`REPLIES_PER_SOURCE` LB-built packets per second.
-State is bounded: the per-source table holds at most
-:data:`MAX_TRACKED_SOURCES` addresses per one-second window; past that the LB
-sends nothing more in that window (it fails closed: these packets are an
-optimisation, never needed for correctness).
+source IP gets at most :data:`lb.core.rate_limit.REPLIES_PER_SOURCE` LB-built
+packets per second (:class:`~lb.core.rate_limit.SourceLimiter`, bounded state).
 
-Sans-IO: the clock and the random source are injected.
+Sans-IO: the clock and the random source are injected; without a clock (the
+default), a table with Retry or a reset key raises on its first such packet.
 """
 
 from __future__ import annotations
@@ -25,14 +23,12 @@ from dataclasses import dataclass, field
 from lb.core.addresses import Address
 from lb.core.cid_config import CidConfig
 from lb.core.cid_encoder import MIN_UNROUTABLE_CID_LEN, unroutable_cid
+from lb.core.rate_limit import SourceLimiter
 from lb.core.retry_token import MAX_TOKENS_PER_KEY, TokenKey, TokenResult, make_retry_token, open_retry_token
 from lb.core.stateless_packets import build_reset, build_retry, reset_length, reset_token
 
-__all__ = ["REPLIES_PER_SOURCE", "FloodMeter", "LbReplies", "RetryPolicy", "SourceLimiter"]
+__all__ = ["FloodMeter", "LbReplies", "RetryPolicy"]
 
-#: LB-built packets per second to one source IP (acceptance A-4: at most 10).
-REPLIES_PER_SOURCE = 10
-MAX_TRACKED_SOURCES = 65536
 RETRY = "retry"
 RESET = "reset"
 
@@ -47,28 +43,6 @@ class RetryPolicy:
     flood_threshold: int
     #: The configuration backends issue CIDs with: Retry SCIDs are as long as its CIDs.
     cid_config: CidConfig = field(repr=False)
-
-
-class SourceLimiter:
-    """At most ``rate`` packets per source IP per one-second window; a bounded table."""
-
-    def __init__(self, rate: int = REPLIES_PER_SOURCE, max_sources: int = MAX_TRACKED_SOURCES) -> None:
-        self.rate = rate
-        self.max_sources = max_sources
-        self._window = -1
-        self._counts: dict[str, int] = {}
-
-    def allow(self, ip: str, now: float) -> bool:
-        window = int(now)
-        if window != self._window:
-            self._window = window
-            self._counts = {}
-        counts = self._counts
-        count = counts.get(ip, 0)
-        if count >= self.rate or (count == 0 and len(counts) >= self.max_sources):
-            return False
-        counts[ip] = count + 1
-        return True
 
 
 class FloodMeter:
@@ -93,8 +67,8 @@ class FloodMeter:
 class LbReplies:
     """Per-process state and counters of LB-built packets, and the queue the adapter drains."""
 
-    def __init__(self, clock: Callable[[], float], random_bytes: Callable[[int], bytes]) -> None:
-        self.clock = clock
+    def __init__(self, clock: Callable[[], float] | None, random_bytes: Callable[[int], bytes]) -> None:
+        self.clock = clock if clock is not None else _no_clock
         self.random_bytes = random_bytes
         self.limiter = SourceLimiter()
         self.flood = FloodMeter()
@@ -169,3 +143,7 @@ class LbReplies:
         self.queue.append((packet, client))
         self.sent[kind] += 1
         self.bytes_sent += len(packet)
+
+
+def _no_clock() -> float:
+    raise RuntimeError("Router(clock=...) is required for Retry and stateless resets (tokens carry POSIX times)")

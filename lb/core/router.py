@@ -33,7 +33,6 @@ sends each datagram to the returned backend.
 from __future__ import annotations
 
 import secrets
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 
@@ -68,7 +67,7 @@ class Router(BatchRouting):
         table: ServiceTable,
         *,
         cache_size: int = DEFAULT_CACHE_SIZE,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
         if cache_size < 0:
@@ -93,8 +92,8 @@ class Router(BatchRouting):
         self._evictions = 0
         self._rx = 0
         #: Retry and reset packets the LB builds (rate limits, counters, the send queue). The
-        #: clock (wall time: tokens carry POSIX expiries shared with the backends) and the random
-        #: source are only read for those.
+        #: clock (wall time, from the adapter: tokens carry POSIX expiries shared with the
+        #: backends) and the random source are only read for those.
         self.replies = LbReplies(clock, random_bytes)
 
     def set_table(self, table: ServiceTable) -> None:

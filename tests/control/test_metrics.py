@@ -25,9 +25,10 @@ from lb.control.metrics import (
     render_metrics,
 )
 from lb.control.snapshot import BackendView, LbSnapshot, ServiceView
-from lb.core.lb_replies import REPLIES_PER_SOURCE, RetryPolicy
+from lb.core.lb_replies import RetryPolicy
 from lb.core.outcomes import Outcome, RouterStats
 from lb.core.quic_constants import GREASE_VERSION, QUIC_V1
+from lb.core.rate_limit import REPLIES_PER_SOURCE
 from lb.core.retry_token import TokenKey
 from lb.core.return_path import ReturnStats
 from lb.core.router import Router
@@ -118,7 +119,8 @@ def _routers() -> list[Router]:
             maglev_size=MAGLEV_SIZE,
             retry=RetryPolicy("always", TokenKey.from_secret(bytes(16)), 2000, ENCRYPTED),
             reset_key=bytes(range(16)),
-        )
+        ),
+        clock=lambda: 1_700_000_000.0,
     )
     for n in range(REPLIES_PER_SOURCE + 1):  # RETRY_SENT x 10, then RETRY_RATE_LIMITED
         guarded.route(initial(QUIC_V1, unroutable_cid(8), bytes([n]) * 8), ("127.0.0.9", 1000 + n))

@@ -16,9 +16,10 @@ from aioquic.quic.packet import get_retry_integrity_tag, pull_quic_header
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lb import CidConfig, encode_cid
-from lb.core.lb_replies import REPLIES_PER_SOURCE, FloodMeter, RetryPolicy, SourceLimiter
+from lb.core.lb_replies import FloodMeter, RetryPolicy
 from lb.core.maglev import four_tuple_key
 from lb.core.outcomes import Outcome
+from lb.core.rate_limit import REPLIES_PER_SOURCE, SourceLimiter
 from lb.core.retry_token import (
     MAX_TOKENS_PER_KEY,
     TOKEN_LIFETIME,
@@ -308,3 +309,10 @@ def test_token_budget_per_key() -> None:
     router = retry_router()
     router.replies._minted[KEY.key] = MAX_TOKENS_PER_KEY  # as if 2^23 tokens had been minted
     assert router.route(initial(QUIC_V1, ODCID, bytes(8)), CLIENT)[0] is Outcome.RETRY_RATE_LIMITED
+
+
+def test_a_router_without_a_clock_refuses_to_build_retries() -> None:
+    """lb.core reads no clock: the adapter passes one (lb.adapters.service_ports); forgetting it is loud."""
+    table = retry_router().table
+    with pytest.raises(RuntimeError, match="clock"):
+        Router(table).route(initial(QUIC_V1, ODCID, bytes(8)), CLIENT)
