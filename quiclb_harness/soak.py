@@ -6,7 +6,10 @@ consecutive faults include each kind once):
 * ``lb_restart``: kill -9 the LB and start a new one (the tested promise: nothing is lost);
 * ``backend_add``: a new backend process, the config file rewritten, SIGHUP to the LB;
 * ``backend_remove``: the config file rewritten without one backend, SIGHUP, then the backend
-  stops (its connections are lost by design and exempted: "0 lost except on crashed backends");
+  stops. Its connections are lost by design ("0 lost except on crashed backends"): their
+  requests up to that moment are exempt, and each is replaced by a new connection (placed by
+  the fallback) under the same index, whose requests count again, so W(n) keeps n live
+  connections for the whole run instead of dwindling as backends come and go;
 * ``rebind``: a random third of the connections move to a new local port (NAT rebinding).
 
 Alongside W(n, t) a trickle of short connections (echo, then close; every fifth sends one
@@ -26,6 +29,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -37,6 +41,9 @@ from quiclb_harness.processes import ManagedProcess
 from quiclb_harness.quic_cluster import QuicCluster
 from quiclb_harness.waiting import wait_until
 from quiclb_harness.workload import EchoWorkload, WorkloadReport, close_clients, open_clients
+
+if TYPE_CHECKING:
+    from backends.client import EchoClient
 
 FAULTS = ("lb_restart", "backend_add", "backend_remove", "rebind")
 #: Backends never drop below / rise above these (removing the last ones would lose everything).
@@ -71,8 +78,10 @@ class SoakReport:
     plan: SoakPlan
     workload: WorkloadReport | None = None
     faults: list[tuple[float, str, str]] = field(default_factory=list)
-    #: Connections that were on a backend when it was removed.
-    exempt: set[int] = field(default_factory=set)
+    #: Workload index -> loop time: failures of requests sent before it are exempt (the index's
+    #: connection was on a backend that was then removed; it was replaced at that time).
+    exempt: dict[int, float] = field(default_factory=dict)
+    replaced: int = 0
     lb_readings: list[Reading] = field(default_factory=list)
     backend_readings: dict[str, list[Reading]] = field(default_factory=dict)
     churn_ok: int = 0
@@ -81,7 +90,10 @@ class SoakReport:
     @property
     def lost(self) -> set[int]:
         assert self.workload is not None
-        return self.workload.lost - self.exempt
+        exempt = self.exempt
+        failed = {r.connection for r in self.workload.failures
+                  if r.connection not in exempt or r.sent_at >= exempt[r.connection]}
+        return failed | set(self.workload.closed)
 
 
 def proc_reading(pid: int, at: float) -> Reading:
@@ -119,9 +131,10 @@ class Soak:
                  f"a fault every {plan.fault_every:.0f}s, {plan.churn_per_second}/s short connections")
         host, port = cluster.dep.vip()
         clients = await open_clients(host, port, plan.connections, cadata=cluster.cert_pem)
-        self._clients = clients
         self._t0 = time.monotonic()
         workload = EchoWorkload(clients, plan.interval)
+        self._workload = workload
+        self._retired: list[EchoClient] = []
         run = asyncio.ensure_future(workload.run(plan.duration))
         churn = asyncio.ensure_future(self._churn(host, port))
         try:
@@ -143,10 +156,10 @@ class Soak:
             workload.stop()
             churn.cancel()
             await asyncio.gather(run, churn, return_exceptions=True)
-            await close_clients(clients)
+            await close_clients([*workload.clients, *self._retired])
         await self._read_resources()
         self.log(f"R-21 soak done (seed={plan.seed}): {self.report.workload.summary()}; "
-                 f"exempt {len(self.report.exempt)}, lost {len(self.report.lost)}")
+                 f"replaced {self.report.replaced} on removed backends, lost {len(self.report.lost)}")
         return self.report
 
     # -- faults ---------------------------------------------------------------------
@@ -176,9 +189,10 @@ class Soak:
         return f"pid {old.pid} killed, pid {new.pid} ready after {gap:.2f}s"
 
     async def _rebind(self) -> str:
-        chosen = self.rng.sample(range(len(self._clients)), max(1, len(self._clients) // 3))
+        clients = self._workload.clients
+        chosen = self.rng.sample(range(len(clients)), max(1, len(clients) // 3))
         for i in chosen:
-            await self._clients[i].rebind()
+            await clients[i].rebind()
         return f"{len(chosen)} connections on new ports"
 
     def _reload_lb(self) -> None:
@@ -209,8 +223,8 @@ class Soak:
         sid = self.rng.choice(sorted(self.cluster.backends))
         key = self.cluster.dep.key("echo", 0)
         cfg = CidConfig(0, 2, 14, key)
-        on_it = {i for i, c in enumerate(self._clients) if decode_server_id(cfg, c.dcid) == bytes.fromhex(sid)}
-        self.report.exempt |= on_it
+        clients = self._workload.clients
+        on_it = [i for i, c in enumerate(clients) if decode_server_id(cfg, c.dcid) == bytes.fromhex(sid)]
 
         def remove() -> None:
             dep = self.cluster.dep
@@ -224,7 +238,18 @@ class Soak:
             backend.process.stop(timeout=5)
 
         await asyncio.to_thread(remove)
-        return f"backend {sid} removed ({len(on_it)} workload connections on it, exempt)"
+        # Replace them (the fallback places the new ones on the backends left); a request sent
+        # on the old connection until now may fail and is exempt, later ones count.
+        host, port = self.cluster.dep.vip()
+        fresh = await open_clients(host, port, len(on_it), cadata=self.cluster.cert_pem, concurrency=4) if on_it else []
+        now = asyncio.get_running_loop().time()
+        for i, client in zip(on_it, fresh, strict=True):
+            self._retired.append(clients[i])
+            clients[i] = client
+            self.report.exempt[i] = now
+        self.report.replaced += len(fresh)
+        await close_clients(self._retired[-len(fresh):] if fresh else [])
+        return f"backend {sid} removed ({len(on_it)} workload connections on it, replaced)"
 
     # -- background -----------------------------------------------------------------
 
