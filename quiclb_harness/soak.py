@@ -71,6 +71,8 @@ class Reading:
     pid: int
     rss_kb: int
     fds: int
+    #: Backends: connections open at the time (their memory is live, not leaked).
+    connections: int = 0
 
 
 @dataclass
@@ -294,6 +296,7 @@ class Soak:
         for sid, backend in list(self.cluster.backends.items()):
             if backend.process.alive():
                 reading = await asyncio.to_thread(proc_reading, backend.process.pid, at)
+                reading.connections = int((await asyncio.to_thread(backend.stats))["connections_open"])
                 self.report.backend_readings.setdefault(sid, []).append(reading)
 
 
