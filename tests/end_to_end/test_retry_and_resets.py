@@ -92,7 +92,7 @@ def test_ngtcp2_http3_through_retry(retry_cluster: QuicCluster, tmp_path: Path) 
     assert retries(retry_cluster) - before == 1
 
 
-def test_aioquic_clients_through_retry_one_retry_each(retry_cluster: QuicCluster) -> None:
+def test_aioquic_http3_and_echo_clients_through_retry_one_retry_each(retry_cluster: QuicCluster) -> None:
     host, port = retry_cluster.dep.vip()
     before = retries(retry_cluster)
     valid_before = lb_count(retry_cluster, "quiclb_retry_tokens_total", result="valid")
@@ -100,12 +100,19 @@ def test_aioquic_clients_through_retry_one_retry_each(retry_cluster: QuicCluster
 
     async def scenario() -> list[bytes]:
         out = []
-        for n in range(8):
-            async with EchoClient.connect(host, port, cafile=str(retry_cluster.dep.cert_path), timeout=5.0) as c:
-                out.append(await c.echo(b"hello %d" % n))
+        for n in range(8):  # HTTP/3 and the echo ALPN, alternately
+            alpn = "h3" if n % 2 else "quiclb-echo"
+            async with EchoClient.connect(host, port, cafile=str(retry_cluster.dep.cert_path), timeout=5.0,
+                                          alpn=alpn) as c:
+                if alpn == "h3":
+                    response = await c.request("GET", f"/bytes/{1000 + n}")
+                    assert response.status == 200
+                    out.append(b"%d bytes" % len(response.body))
+                else:
+                    out.append(await c.echo(b"hello %d" % n))
         return out
 
-    assert asyncio.run(scenario()) == [b"hello %d" % n for n in range(8)]
+    assert asyncio.run(scenario()) == [b"%d bytes" % (1000 + n) if n % 2 else b"hello %d" % n for n in range(8)]
     assert retries(retry_cluster) - before == 8
     assert lb_count(retry_cluster, "quiclb_retry_tokens_total", result="valid") - valid_before >= 8
     # No Initial of these handshakes was dropped: the later ones carry the token and the backend's CID.
