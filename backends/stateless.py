@@ -44,7 +44,8 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicConnecti
 from lb.core.addresses import Address
 from lb.core.cid_config import CidConfig
 from lb.core.cid_decoder import decode_server_id
-from lb.core.quic_constants import FIXED_BIT, HEADER_FORM_LONG, INITIAL_TYPE_BITS
+from lb.core.quic_constants import FIXED_BIT, HEADER_FORM_LONG
+from lb.core.quic_header import parse_routing_fields_untrusted
 from lb.core.rate_limit import SourceLimiter
 from lb.core.retry_token import (
     MAX_ODCID_LEN,
@@ -55,6 +56,7 @@ from lb.core.retry_token import (
     open_retry_token,
 )
 from lb.core.stateless_packets import RESET_TOKEN_LEN, build_reset, initial_token, reset_length, reset_token
+from lb.errors import MalformedDatagram
 
 __all__ = [
     "Resetter",
@@ -99,18 +101,25 @@ class SharedRetryTokens:
         return odcid
 
 
+def _initial_fields(datagram: bytes) -> tuple[bytes, bytes | None] | None:
+    """(DCID, Token) of the v1/v2 Initial that starts ``datagram``; None for anything else.
+
+    The header is read by the LB's own parser (:mod:`lb.core.quic_header`), so both
+    sides agree on what an Initial is. Token is None when its field does not fit.
+    """
+    try:
+        fields = parse_routing_fields_untrusted(datagram)
+    except MalformedDatagram:
+        return None
+    if not fields.is_initial or fields.scid is None:
+        return None
+    return fields.dcid, initial_token(datagram, len(fields.dcid), len(fields.scid))
+
+
 def initial_has_token(datagram: bytes) -> bool:
-    """Whether ``datagram`` starts with a v1/v2 Initial that carries a token (cheap; no parsing past it)."""
-    if len(datagram) < 7 or datagram[0] & (HEADER_FORM_LONG | FIXED_BIT) != HEADER_FORM_LONG | FIXED_BIT:
-        return False
-    version = int.from_bytes(datagram[1:5], "big")
-    if INITIAL_TYPE_BITS.get(version) != (datagram[0] >> 4) & 0b11:
-        return False
-    dcid_len = datagram[5]
-    if len(datagram) <= 6 + dcid_len:
-        return False
-    token = initial_token(datagram, dcid_len, datagram[6 + dcid_len])
-    return bool(token)
+    """Whether ``datagram`` starts with a v1/v2 Initial that carries a token."""
+    initial = _initial_fields(datagram)
+    return initial is not None and bool(initial[1])
 
 
 class RetryTokens:
@@ -127,12 +136,13 @@ class RetryTokens:
         """A tokenless Initial with a DCID the token format cannot hold (RFC 9000 §7.2: 8..20 bytes):
         aioquic would ask :class:`SharedRetryTokens` for a Retry token it cannot make. Only such an
         Initial that reached us around the LB (which drops it) can be one."""
-        if self.handler is None or len(datagram) < 7 or datagram[0] & 0xC0 != 0xC0:
+        if self.handler is None:
             return False
-        version = int.from_bytes(datagram[1:5], "big")
-        if INITIAL_TYPE_BITS.get(version) != (datagram[0] >> 4) & 0b11:
+        initial = _initial_fields(datagram)
+        if initial is None:
             return False
-        return not MIN_ODCID_LEN <= datagram[5] <= MAX_ODCID_LEN and not initial_has_token(datagram)
+        dcid, token = initial
+        return not token and not MIN_ODCID_LEN <= len(dcid) <= MAX_ODCID_LEN
 
     def install(self, server: QuicServer) -> None:
         install_retry_handler(server, None if self.per_datagram else self.handler)
