@@ -17,7 +17,11 @@ forwards the asyncio callbacks) and adds:
   either limit evicts the *oldest waiting* connection rather than being
   refused: a liveness probe sends its head at once, so it always gets its
   turn while slow connections are the ones that go (issue 12, item 13);
-  only when every connection is busy in a handler is the new one refused;
+  only when every connection is busy in a handler is the new one refused.
+  A connection younger than :data:`EVICTION_GRACE` is not evicted for its
+  peer's cap (the cap is enforced once it is that old), and one whose head
+  has arrived no longer counts as waiting: in a burst of reconnecting slow
+  clients, a probe accepted among them has time to be read;
 - **a write deadline**: once the handler has answered, the connection has
   ``write_timeout`` seconds to take the response.
 
@@ -43,6 +47,10 @@ MAX_CONNECTIONS = 256
 MAX_PENDING_PER_PEER = 16
 #: Bytes a connection may send before its request reaches the handler: a full head and body.
 PENDING_BYTES_CAP = 8192 + 1024
+#: Seconds a new connection is safe from its peer's cap: accept, ``connection_made`` and the first
+#: read take a few loop iterations, and a burst of connects from the same peer must not evict a
+#: probe before its head, sent with the connect, has been read.
+EVICTION_GRACE = 0.1
 #: After a canned answer, seconds spent reading and discarding what the client still sends: closing
 #: with unread input makes the kernel send a reset, which can destroy the answer before it is read.
 LINGER_SECONDS = 1.0
@@ -75,6 +83,8 @@ class GuardedProtocol(asyncio.Protocol):
         self._admitted = False
         self._answered = False  # a canned answer is out; the rest of the input is discarded
         self._started_at = 0.0  # loop time of connection_made
+        self.admitted_at = 0.0  # loop time the guard admitted it (the grace before eviction counts from it)
+        self._tail = b""  # the last 3 bytes received while pending: a head's end may straddle reads
 
     # -- asyncio callbacks ------------------------------------------------------------
 
@@ -99,6 +109,10 @@ class GuardedProtocol(asyncio.Protocol):
             if self.received > PENDING_BYTES_CAP:
                 self.answer_and_close(HEAD_TOO_LARGE_RESPONSE)
                 return
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen:
+                self._guard.head_arrived(self)  # not waiting any more: no longer a candidate for eviction
+            self._tail = seen[-3:]
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -187,6 +201,7 @@ class ConnectionGuard:
         self._pending_by_peer: dict[str, OrderedDict[GuardedProtocol, None]] = {}
         self._busy: set[GuardedProtocol] = set()
         self._by_transport: dict[asyncio.BaseTransport, GuardedProtocol] = {}
+        self._recheck: dict[str, asyncio.TimerHandle] = {}  # peers over their cap, by grace timer
         #: Connections closed to make room for newer ones, new ones refused, heads late (monotonic).
         self.evicted = 0
         self.refused = 0
@@ -203,25 +218,43 @@ class ConnectionGuard:
         return self._by_transport.get(transport) if transport is not None else None
 
     def admit(self, conn: GuardedProtocol) -> bool:
-        mine = self._pending_by_peer.setdefault(conn.peer, OrderedDict())
-        if len(mine) >= self.max_pending_per_peer:
-            self._evict(next(iter(mine)))
         if len(self) >= self.max_connections:
             if not self._pending:
                 self.refused += 1
-                if not mine:
-                    del self._pending_by_peer[conn.peer]
                 return False
             self._evict(next(iter(self._pending)))
+        conn.admitted_at = asyncio.get_running_loop().time()
         self._pending[conn] = None
         self._pending_by_peer.setdefault(conn.peer, OrderedDict())[conn] = None
         assert conn.transport is not None
         self._by_transport[conn.transport] = conn
+        self._enforce_peer_cap(conn.peer)
         return True
 
     def started(self, conn: GuardedProtocol) -> None:
         self._unlist_pending(conn)
         self._busy.add(conn)
+
+    head_arrived = started  # a complete head is not waiting any more, whether or not the handler runs yet
+
+    def _enforce_peer_cap(self, peer: str) -> None:
+        """Evict the peer's oldest waiting connections beyond its cap, once they are past the grace."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        mine = self._pending_by_peer.get(peer)
+        while mine is not None and len(mine) > self.max_pending_per_peer:
+            oldest = next(iter(mine))
+            if now - oldest.admitted_at < EVICTION_GRACE:
+                if peer not in self._recheck:  # one timer per peer, however many connect meanwhile
+                    delay = oldest.admitted_at + EVICTION_GRACE - now
+                    self._recheck[peer] = loop.call_later(delay, self._recheck_peer, peer)
+                return
+            self._evict(oldest)
+            mine = self._pending_by_peer.get(peer)
+
+    def _recheck_peer(self, peer: str) -> None:
+        del self._recheck[peer]
+        self._enforce_peer_cap(peer)
 
     def forget(self, conn: GuardedProtocol) -> None:
         self._unlist_pending(conn)
@@ -230,6 +263,9 @@ class ConnectionGuard:
             del self._by_transport[conn.transport]
 
     def close_all(self) -> None:
+        for timer in self._recheck.values():
+            timer.cancel()
+        self._recheck.clear()
         for conn in [*self._pending, *self._busy]:
             conn.close()
 

@@ -199,6 +199,40 @@ def test_a_peers_oldest_waiting_connection_makes_room_for_a_new_one(loop: str) -
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_probe_in_a_burst_of_connects_from_its_own_address_is_answered(loop: str) -> None:
+    """A probe accepted in the same burst as twice a peer's cap of idle connects is not evicted.
+
+    The probe connects and sends its head first; the burst follows before the server has read it.
+    Evicting the oldest waiting connection at once (the earlier rule) closed the probe unread.
+    """
+
+    async def scenario(server: AdminServer, addr: Addr) -> None:
+        # Blocking connects, without yielding to the loop: the kernel completes them all from the
+        # listen backlog, so the server accepts the probe and the burst in one go, as under load.
+        probe = socket.create_connection(addr)
+        probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        burst = [socket.create_connection(addr) for _ in range(2 * MAX_PENDING_PER_PEER)]
+        try:
+            reader, writer = await asyncio.open_connection(sock=probe)
+            try:
+                async with asyncio.timeout(WAIT):
+                    data = await reader.read()
+            except ConnectionResetError:
+                data = b"reset"
+            writer.close()
+            assert data.startswith(b"HTTP/1.1 200 "), data
+            # The cap still holds once the grace is over: the burst's oldest were evicted.
+            async with asyncio.timeout(WAIT):
+                while server.open_connections > MAX_PENDING_PER_PEER:
+                    await asyncio.sleep(0.01)
+        finally:
+            for sock in burst:
+                sock.close()
+
+    serve(scenario, loop, read_timeout=30.0)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_client_dripping_its_body_gets_408_at_the_read_deadline(loop: str) -> None:
     async def scenario(server: AdminServer, addr: Addr) -> None:
         reader, writer = await asyncio.open_connection(*addr)
