@@ -263,10 +263,19 @@ class EchoClient:
 
     async def _open_socket(self, local_host: str, family: socket.AddressFamily) -> asyncio.DatagramTransport:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _SocketProtocol(self), local_addr=(local_host, 0), family=family
-        )
-        sockname = transport.get_extra_info("sockname")
+        used = set(self.wire.local_addresses)
+        for _ in range(16):
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _SocketProtocol(self), local_addr=(local_host, 0), family=family
+            )
+            sockname = transport.get_extra_info("sockname")
+            if (sockname[0], sockname[1]) not in used:
+                break
+            # The kernel may hand out a port this client used before; a path the server has
+            # already validated would then get no PATH_CHALLENGE. A rebinding means a new address.
+            transport.close()
+        else:
+            raise ClientError(f"no new local port on {local_host} in 16 tries")
         self.local_address = (sockname[0], sockname[1])
         self.wire.local_addresses.append(self.local_address)
         return transport
