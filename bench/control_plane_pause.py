@@ -13,7 +13,7 @@ causes from preemption. Compared: no flaps at all (``idle``: the
 machine's own noise), rings built inline on the loop, in a thread, and in a
 spawned process (what the LB uses).
 
-    .venv/bin/python bench/control_plane_pause.py [--seconds 5] [--mode process] [--save]
+    .venv/bin/python bench/control_plane_pause.py [--seconds 5] [--rounds 1] [--mode process] [--save]
 """
 
 from __future__ import annotations
@@ -111,22 +111,39 @@ async def measure(mode: str, seconds: float, directory: Path) -> dict[str, float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of every mode, interleaved (idle, ..., idle, ...)")
     ap.add_argument("--mode", choices=["idle", "inline", "thread", "process", "all"], default="all")
     ap.add_argument("--save", action="store_true")
     args = ap.parse_args()
     modes = ["idle", "inline", "thread", "process"] if args.mode == "all" else [args.mode]
     doc = run_metadata("control_plane_pause")
-    doc.update(services=SERVICES, backends=BACKENDS, flaps_per_second=FLAPS_PER_SECOND, seconds=args.seconds)
-    for mode in modes:
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            result = asyncio.run(measure(mode, args.seconds, Path(tmp)))
-        doc[mode] = result
-        print(f"{mode:8s} longest pause {result['max_pause_ms']:7.2f} ms  p99 {result['p99_pause_ms']:6.2f} ms  "
-              f"median {result['median_pause_ms']:5.2f} ms  "
-              f"loop CPU/tick {result['max_loop_cpu_per_tick_ms']:6.2f} ms  "
-              f"flaps {result['flaps']}  ring builds "
-              f"{result['ring_builds']}  updates {result['table_updates']}  ({time.perf_counter() - t0:.1f} s)")
+    doc.update(services=SERVICES, backends=BACKENDS, flaps_per_second=FLAPS_PER_SECOND, seconds=args.seconds,
+               rounds=args.rounds)
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    for _ in range(args.rounds):
+        for mode in modes:
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                result = asyncio.run(measure(mode, args.seconds, Path(tmp)))
+            runs[mode].append(result)
+            print(f"{mode:8s} longest pause {result['max_pause_ms']:7.2f} ms  p99 {result['p99_pause_ms']:6.2f} ms  "
+                  f"median {result['median_pause_ms']:5.2f} ms  "
+                  f"loop CPU/tick {result['max_loop_cpu_per_tick_ms']:6.2f} ms  "
+                  f"flaps {result['flaps']}  ring builds "
+                  f"{result['ring_builds']}  updates {result['table_updates']}  ({time.perf_counter() - t0:.1f} s)",
+                  flush=True)
+    for mode, results in runs.items():
+        # One round: its own figures (the earlier layout); several: every round, and a summary.
+        doc[mode] = results[0] if len(results) == 1 else {
+            "rounds": results,
+            "max_pause_ms": max(r["max_pause_ms"] for r in results),
+            "median_round_max_pause_ms": statistics.median(r["max_pause_ms"] for r in results),
+            "max_loop_cpu_per_tick_ms": max(r["max_loop_cpu_per_tick_ms"] for r in results),
+        }
+        if len(results) > 1:
+            print(f"{mode:8s} over {len(results)} rounds: longest pause {doc[mode]['max_pause_ms']:.2f} ms, median "
+                  f"of the rounds' longest {doc[mode]['median_round_max_pause_ms']:.2f} ms, loop CPU/tick "
+                  f"{doc[mode]['max_loop_cpu_per_tick_ms']:.2f} ms")
     if args.save:
         write_result(doc)
 

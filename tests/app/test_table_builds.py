@@ -67,6 +67,26 @@ def test_only_rings_whose_inputs_changed_are_built(tmp_path: Path) -> None:
     assert back["svc0"].maglev is first["svc0"].maglev
 
 
+def test_a_flap_reassembles_only_its_own_service_and_equals_the_pure_build(tmp_path: Path) -> None:
+    """Issue 13 item 3: each table costs the event loop 0.1-0.3 ms, so the others are reused as they are."""
+    cfg = load_config(_deployment(tmp_path).path)
+    stones = {"svc2": {b"\x00\x09": (110.0, ("127.0.0.1", 9))}}
+    builder = TableBuilder()
+    builder.set_tombstones(stones)
+    first = builder.build_now(cfg, frozenset(), now=100.0)
+    down = frozenset({("svc0", b"\x00\x01")})
+    flapped = builder.build_now(cfg, down, now=100.0)
+    assert flapped["svc1"] is first["svc1"] and flapped["svc2"] is first["svc2"]
+    assert flapped["svc0"] is not first["svc0"]
+    later = builder.build_now(cfg, down, now=110.0)  # svc2's tombstone has expired: svc2 only
+    assert later["svc0"] is flapped["svc0"] and later["svc2"] is not flapped["svc2"]
+    for got, now, unhealthy in ((flapped, 100.0, down), (later, 110.0, down)):
+        pure = build_tables(cfg, unhealthy, stones, now)
+        for name, table in got.items():  # rings are fresh objects in the pure build: compare by value
+            assert table.maglev == pure[name].maglev and dict(table.backends) == dict(pure[name].backends)
+            assert table.tombstones == pure[name].tombstones
+
+
 def test_tombstones_expire_by_now_without_a_ring_build(tmp_path: Path) -> None:
     dep = _deployment(tmp_path)
     old = load_config(dep.path)
