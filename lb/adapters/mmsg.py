@@ -197,6 +197,14 @@ class ReceiveRing:
         self.fields = [struct.Struct("=" + one * n).unpack_from for n in range(batch + 1)]
         self.msg_bytes = self._msg_bytes
         self.pristine = self._pristine
+        # msg_len of the first n messages, one struct per n (a fast path needs only the lengths).
+        at = Mmsghdr.msg_len.offset
+        self.lengths = [struct.Struct("=" + f"{at}xI{MSG_SIZE - at - 4}x" * n).unpack_from for n in range(batch + 1)]
+        self._namelen = struct.Struct("=I").unpack_from
+
+    def namelen(self, i: int) -> int:
+        """The sockaddr length the kernel wrote for message ``i`` of the last batch."""
+        return int(self._namelen(self._msg_bytes, i * MSG_SIZE + Msghdr.msg_namelen.offset)[0])
 
     def receive(self, fd: int) -> tuple[int, tuple[int, ...]]:
         """One recvmmsg: (count, flat (namelen, flags, length) fields). Raises OSError on real errors.

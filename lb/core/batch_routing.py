@@ -18,8 +18,10 @@ Same decisions and counters as :meth:`Router.route` on each datagram in order
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lb.core.addresses import Address
 from lb.core.cid_decoder import ConfigDecoder
@@ -28,14 +30,22 @@ from lb.core.service_table import Backend, ServiceTable
 
 #: Placeholder in a batch's decision list until the decision is made (never returned).
 _PENDING: RouteDecision = (Outcome.MALFORMED_DROPPED, None)
-#: First octets of short headers with the fixed bit (RFC 9000 §17.3): 0b01xxxxxx.
-_SHORT_WITH_FIXED_BIT = bytes(range(0x40, 0x80))
 #: The DCID's first octets of each config ID (its top three bits, draft -21 §3).
 _CONFIG_OCTETS = tuple(bytes(range(c << 5, (c + 1) << 5)) for c in range(8))
 #: Below this many datagrams the per-datagram pass costs less than step 1's fixed cost (about 2 us).
 VECTOR_MIN_BATCH = 6
 #: Logged hits are counted once the log holds this many (bounds its memory).
 HIT_LOG_FOLD = 65536
+
+
+#: A batch's ``struct.unpack_from``: (first octet, DCID, first octet, DCID, ...).
+DcidUnpack = Callable[[bytes | memoryview], tuple[Any, ...]]
+
+
+def _dcid_struct(n: int, stride: int, cid_len: int) -> DcidUnpack:
+    """``unpack_from`` of n datagrams ``stride`` apart: (first octet, DCID, first octet, DCID, ...)."""
+    one = f"B{cid_len}s"
+    return struct.Struct("=" + f"{one}{stride - 1 - cid_len}x" * (n - 1) + one).unpack_from
 
 
 class BatchRouting:
@@ -49,7 +59,7 @@ class BatchRouting:
     _cipher_calls: int
     _evictions: int
     _rx: int
-    _dcid_slices: dict[tuple[int, int], list[slice]]
+    _dcid_structs: dict[tuple[int, int, int], DcidUnpack]
 
     # Implemented by Router: each counts one outcome and returns its decision.
     def _cid_route(self, dcid: bytes, config_id: int, backend: Backend) -> RouteDecision:
@@ -101,7 +111,7 @@ class BatchRouting:
             raw = buf
         n = len(lengths)
         if n >= VECTOR_MIN_BATCH and stride:
-            batch = self._route_short_headers(buf, stride, lengths, raw, n, client_at=client_at)
+            batch = self._route_short_headers(buf, stride, lengths, n, client_at=client_at)
             if batch is not None:
                 return batch
         self._rx += n
@@ -152,7 +162,6 @@ class BatchRouting:
         buf: bytes | memoryview,
         stride: int,
         lengths: Sequence[int],
-        raw: ByteSlicer,
         n: int,
         *,
         client_at: Callable[[int], Address],
@@ -162,23 +171,23 @@ class BatchRouting:
         All hits: no Python per datagram. Some misses, all of one configuration (a cold
         cache): only the misses are looked at one by one, then decoded together (step 3).
         """
-        end = n * stride
-        # bytes() of the strided gathers: bytes methods run in C, memoryview iteration does not.
-        if bytes(buf[0:end:stride]).translate(None, _SHORT_WITH_FIXED_BIT):  # any other first octet
+        if len(buf) < 2:
             return None
-        seconds = bytes(buf[1:end:stride])
-        config_id = seconds[0] >> 5
+        config_id = buf[1] >> 5
         dec = self.table.decoder.by_config_id[config_id]
         if dec is None or min(lengths) <= dec.cid_len:  # a DCID cut short would read a stale slot
             return None
-        slices = self._dcid_slices.get((stride, dec.cid_len))
-        if slices is None or len(slices) < n:
-            slices = self._dcid_slices[(stride, dec.cid_len)] = [
-                slice(i * stride + 1, i * stride + 1 + dec.cid_len) for i in range(max(n, 64))
-            ]
-        # Comprehensions and map() as measured fastest for each (a slice through the ctypes
-        # buffer's __getitem__ costs more through map's method wrapper; dict.get less).
-        dcids = [raw[cut] for cut in slices[:n]]
+        # Every datagram holds its first octet and DCID, so the buffer covers the struct below.
+        # One struct call reads every datagram's first octet and DCID (its config octet first);
+        # the alternatives measured slower: strided slices plus a comprehension of DCID slices.
+        unpack = self._dcid_structs.get((n, stride, dec.cid_len))
+        if unpack is None:
+            unpack = self._dcid_structs[(n, stride, dec.cid_len)] = _dcid_struct(n, stride, dec.cid_len)
+        fields = unpack(buf)
+        firsts = fields[0::2]
+        if min(firsts) < 0x40 or max(firsts) > 0x7F:  # not all short headers with the fixed bit
+            return None
+        dcids: tuple[bytes, ...] = fields[1::2]
         routes = list(map(self._cache.get, dcids))
         if None not in routes:
             # A datagram of another configuration was cut at this one's DCID length, which no
@@ -190,6 +199,7 @@ class BatchRouting:
             if len(log) > HIT_LOG_FOLD:
                 self.count_logged_hits()
             return [route.decision for route in routes]  # type: ignore[union-attr]  # no None: checked
+        seconds = bytes(buf[1 : n * stride : stride])
         if seconds.translate(None, _CONFIG_OCTETS[config_id]):  # misses of several configurations: step 2
             return None
         self._rx += n

@@ -37,7 +37,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 from lb.core.addresses import Address
-from lb.core.batch_routing import BatchRouting
+from lb.core.batch_routing import BatchRouting, DcidUnpack
 from lb.core.cid_decoder import ConfigDecoder
 from lb.core.lb_replies import RESET, RETRY, LbReplies
 from lb.core.maglev import four_tuple_key
@@ -87,7 +87,8 @@ class Router(BatchRouting):
         # read or when the log grows long: Counter.update per batch cost as much as a small batch.
         self._hit_log: list[CidRoute] = []
         self._hits: Counter[CidRoute] = Counter()
-        self._dcid_slices: dict[tuple[int, int], list[slice]] = {}  # (stride, DCID length) -> slices
+        # (batch size, stride, DCID length) -> one struct's unpack_from for the batch's DCIDs
+        self._dcid_structs: dict[tuple[int, int, int], DcidUnpack] = {}
         self._cipher_calls = 0
         self._evictions = 0
         self._rx = 0

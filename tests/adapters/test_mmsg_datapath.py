@@ -1,8 +1,8 @@
 """The batched Linux datapath over real loopback sockets: what leaves it, byte for byte, and what it counts.
 
 No LB process: a MmsgDatapath with one router, plain UDP sockets as clients and
-backends. Checks the zero-copy message layout (the PROXY v2 header the kernel
-gathers from six iovecs), the return path's header cache, and that every
+backends. Checks the zero-copy message layout (per message, the slot's PROXY v2
+header with the client's address copied in, and the payload in place), the return path's header cache, and that every
 datagram the adapter cannot deliver is counted (issue 8; issue 12 items 7-8).
 """
 
@@ -149,6 +149,37 @@ def test_forward_and_return_byte_for_byte(host: str) -> None:
             assert stats.tx_to_client == len(sent) and stats.rx_backend_datagrams == len(sent)
             assert rp.stats().tx_to_client == len(sent)
             dp.close()
+
+    run(body)
+
+
+def test_a_datagram_cut_by_its_slot_is_counted_and_the_rest_of_the_batch_forwarded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 64 KiB slots cannot cut a UDP datagram; 256-byte ones can, which shows the check and its count.
+    import functools  # noqa: PLC0415
+
+    import lb.adapters.mmsg_forward as forward  # noqa: PLC0415
+    from lb.adapters.mmsg import ReceiveRing  # noqa: PLC0415
+
+    monkeypatch.setattr(forward, "ReceiveRing", functools.partial(ReceiveRing, slot_bytes=256))
+
+    async def body() -> None:
+        with sockets(udp(), udp()) as (b1, client):
+            rig = await open_rig([b1])
+            asyncio.get_running_loop().remove_reader(rig.port.fd)  # one batch, driven by hand
+            small, big = short_header(cid_of(1, 1), payload_len=100), short_header(cid_of(1, 2), payload_len=300)
+            for d in (small, big, small):
+                client.sendto(d, rig.vip)
+            await asyncio.sleep(0)
+            rig.port.readable()
+            got: list[tuple[bytes, Address]] = []
+            await until(lambda: len(got) == 2 or bool(got.extend(drain(b1))), "the two whole datagrams")
+            assert [decapsulate_untrusted(d)[1] for d, _ in got] == [small, small]
+            stats = rig.datapath.stats()
+            assert stats.drops == {"rx_truncated": 1}
+            assert stats.rx_client_datagrams == 3 == 2 + stats.drops["rx_truncated"]
+            rig.datapath.close()
 
     run(body)
 
