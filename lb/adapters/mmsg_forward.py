@@ -192,7 +192,7 @@ class MmsgVipPort:
             # msg_namelen to its family's sockaddr size, the same for every datagram of a socket.
             self.rx += n
             lengths = lengths_of[n](msg_bytes)
-            if max(lengths) >= slot:  # a cut datagram fills its slot (MSG_TRUNC): not with 64 KiB slots
+            if slot in lengths:  # a cut datagram fills its slot (MSG_TRUNC): not with 64 KiB slots
                 decisions = self._route_untruncated(n)  # ... but counted if it does happen
             else:
                 decisions = router.route_batch(view, slot, lengths, client_at, raw)
