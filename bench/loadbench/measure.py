@@ -103,6 +103,9 @@ class Bench:
             "cpu_ns": cpu_ns,
             "cpu_ticks": cpu1.ticks - cpu0.ticks,
             "cpu_us_per_datagram": round(cpu_ns / 1000 / delivered, 4) if delivered else None,
+            # Datagrams per time the target was scheduled in: about its batch size per wakeup.
+            "datagrams_per_wakeup": round(delivered / (cpu1.slices - cpu0.slices), 2)
+            if delivered and cpu1.slices > cpu0.slices else None,
             "target_cpu_util": round(cpu_ns / 1e9 / wall, 3),
             # What else ran on the target's CPU (other tenants, interrupts): 0 when the target is unpinned.
             "others_on_target_cpu_util": round(max(0, busy1 - busy0 - cpu_ns) / 1e9 / wall, 3)
@@ -119,6 +122,7 @@ class Bench:
             f"    {target.name:18s} {load.name:12s} asked {asked:>9s} offered {s['offered'] / 1000:7.1f}k/s "
             f"delivered {s['delivered_rate'] / 1000:7.1f}k/s loss {loss:7.3%} lag {lag:6.2%} "
             f"cpu {s['cpu_us_per_datagram'] or 0:6.2f} us/dgram util {s['target_cpu_util']:.2f} "
+            f"per wakeup {s['datagrams_per_wakeup'] or 0:6.1f} "
             f"others {s['others_on_target_cpu_util'] or 0:.2f} drops target {s['target_rx_drops']} "
             f"all {s['all_udp_rx_drops']} backlog {s['softnet_dropped']}"
             + ("  PASS" if s["passed"] else "  fail")

@@ -55,11 +55,13 @@ class CpuSample:
     ns: int
     ticks: int
     pids: int
+    #: Times a thread of the tree was scheduled in (schedstat's third field): its wakeups, roughly.
+    slices: int = 0
 
 
 def cpu_sample(pid: int) -> CpuSample:
     """Sum of every thread's time on CPU in ``pid``'s tree (threads that already exited are not seen)."""
-    ns = ticks = 0
+    ns = ticks = slices = 0
     pids = process_tree(pid)
     for p in pids:
         with contextlib.suppress(OSError):
@@ -68,8 +70,10 @@ def cpu_sample(pid: int) -> CpuSample:
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{p}/task"):
                 with contextlib.suppress(OSError, ValueError, IndexError):
-                    ns += int(Path(f"/proc/{p}/task/{tid}/schedstat").read_text().split()[0])
-    return CpuSample(ns, ticks, len(pids))
+                    stat = Path(f"/proc/{p}/task/{tid}/schedstat").read_text().split()
+                    ns += int(stat[0])
+                    slices += int(stat[2])
+    return CpuSample(ns, ticks, len(pids), slices)
 
 
 def rss_bytes(pid: int) -> int:
