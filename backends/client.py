@@ -48,6 +48,7 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent, StreamDataReceived
 
 from backends.apps import ECHO_ALPN
+from backends.client_sockets import SocketProtocol, SwitchableTransport
 from backends.client_wire import FrameLogger, WireRecord
 from backends.routable_cids import current_peer_cid, peer_cids
 from backends.stateless import end_silently, is_stateless_reset
@@ -59,44 +60,6 @@ DEFAULT_TIMEOUT = 5.0
 
 class ClientError(Exception):
     """The connection failed, closed, or a request timed out."""
-
-
-class SwitchableTransport(asyncio.DatagramTransport):
-    """The connection's transport: forwards to the current socket and records what is sent."""
-
-    def __init__(self, current: asyncio.DatagramTransport, client: EchoClient) -> None:
-        super().__init__()
-        self.current = current
-        self._client = client
-
-    def sendto(self, data: Any, addr: Any = None) -> None:
-        self._client._record_sent(bytes(data))
-        self.current.sendto(data, addr)
-
-    def close(self) -> None:
-        self.current.close()
-
-    def abort(self) -> None:
-        self.current.abort()
-
-    def is_closing(self) -> bool:
-        return self.current.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.current.get_extra_info(name, default)
-
-
-class _SocketProtocol(asyncio.DatagramProtocol):
-    """One local socket; hands datagrams to the QUIC protocol while it is current."""
-
-    def __init__(self, client: EchoClient) -> None:
-        self._client = client
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self._client._datagram_received(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP errors: QUIC recovers by retransmission or times out
 
 
 @dataclass(frozen=True)
@@ -266,7 +229,7 @@ class EchoClient:
         used = set(self.wire.local_addresses)
         for _ in range(16):
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _SocketProtocol(self), local_addr=(local_host, 0), family=family
+                lambda: SocketProtocol(self), local_addr=(local_host, 0), family=family
             )
             sockname = transport.get_extra_info("sockname")
             if (sockname[0], sockname[1]) not in used:
