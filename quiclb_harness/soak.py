@@ -6,8 +6,8 @@ consecutive faults include each kind once):
 * ``lb_restart``: kill -9 the LB and start a new one (the tested promise: nothing is lost);
 * ``backend_add``: a new backend process, the config file rewritten, SIGHUP to the LB;
 * ``backend_remove``: the config file rewritten without one backend, SIGHUP, then the backend
-  stops. Its connections are lost by design ("0 lost except on crashed backends"): their
-  requests up to that moment are exempt, and each is replaced by a new connection (placed by
+  stops. Its connections are lost by design ("0 lost except on crashed backends"): requests
+  made on them are exempt, and each is replaced by a new connection (placed by
   the fallback) under the same index, whose requests count again, so W(n) keeps n live
   connections for the whole run instead of dwindling as backends come and go;
 * ``rebind``: a random third of the connections move to a new local port (NAT rebinding).
@@ -80,9 +80,10 @@ class SoakReport:
     plan: SoakPlan
     workload: WorkloadReport | None = None
     faults: list[tuple[float, str, str]] = field(default_factory=list)
-    #: Workload index -> loop time: failures of requests sent before it are exempt (the index's
-    #: connection was on a backend that was then removed; it was replaced at that time).
-    exempt: dict[int, float] = field(default_factory=dict)
+    #: ``id()`` of the client objects replaced because their backend was removed: failures of
+    #: requests made on them are exempt. By object, not by time: a request sent in the loop
+    #: iteration of the replacement carries the replacement's timestamp but may use either.
+    retired: set[int] = field(default_factory=set)
     replaced: int = 0
     lb_readings: list[Reading] = field(default_factory=list)
     backend_readings: dict[str, list[Reading]] = field(default_factory=dict)
@@ -92,9 +93,7 @@ class SoakReport:
     @property
     def lost(self) -> set[int]:
         assert self.workload is not None
-        exempt = self.exempt
-        failed = {r.connection for r in self.workload.failures
-                  if r.connection not in exempt or r.sent_at >= exempt[r.connection]}
+        failed = {r.connection for r in self.workload.failures if r.client_id not in self.retired}
         return failed | set(self.workload.closed)
 
 
@@ -240,15 +239,14 @@ class Soak:
             backend.process.stop(timeout=5)
 
         await asyncio.to_thread(remove)
-        # Replace them (the fallback places the new ones on the backends left); a request sent
-        # on the old connection until now may fail and is exempt, later ones count.
+        # Replace them (the fallback places the new ones on the backends left); requests made on
+        # an old connection may fail and are exempt, those on its replacement count.
         host, port = self.cluster.dep.vip()
         fresh = await open_clients(host, port, len(on_it), cadata=self.cluster.cert_pem, concurrency=4) if on_it else []
-        now = asyncio.get_running_loop().time()
         for i, client in zip(on_it, fresh, strict=True):
-            self._retired.append(clients[i])
+            self._retired.append(clients[i])  # kept (closed at the end), so its id() stays its own
+            self.report.retired.add(id(clients[i]))
             clients[i] = client
-            self.report.exempt[i] = now
         self.report.replaced += len(fresh)
         await close_clients(self._retired[-len(fresh):] if fresh else [])
         return f"backend {sid} removed ({len(on_it)} workload connections on it, replaced)"

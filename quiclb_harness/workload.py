@@ -72,6 +72,8 @@ class RequestResult:
     #: Seconds until the echo came back, or ``None`` if it failed.
     latency: float | None
     error: str = ""
+    #: ``id()`` of the client object the request went out on (a soak replaces connections).
+    client_id: int = 0
 
 
 @dataclass
@@ -186,10 +188,11 @@ class EchoWorkload:
         try:
             reply = await client.echo(payload, timeout=self.deadline)
         except Exception as exc:  # a deadline miss or a closed connection: both count as lost
-            self.report.results.append(RequestResult(index, sequence, sent, None, f"{type(exc).__name__}: {exc}"))
+            self.report.results.append(
+                RequestResult(index, sequence, sent, None, f"{type(exc).__name__}: {exc}", id(client)))
             return
         latency = loop.time() - sent
         if reply != payload:
-            self.report.results.append(RequestResult(index, sequence, sent, None, "echo mismatch"))
+            self.report.results.append(RequestResult(index, sequence, sent, None, "echo mismatch", id(client)))
         else:
-            self.report.results.append(RequestResult(index, sequence, sent, latency))
+            self.report.results.append(RequestResult(index, sequence, sent, latency, "", id(client)))

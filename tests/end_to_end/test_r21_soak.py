@@ -20,6 +20,7 @@ import uvloop
 
 from quiclb_harness.quic_cluster import QuicCluster
 from quiclb_harness.soak import FAULTS, Reading, Soak, SoakPlan, SoakReport
+from quiclb_harness.workload import RequestResult, WorkloadReport
 
 SEED = int(os.environ.get("QUICLB_SOAK_SEED", "2121"))
 #: RSS band (acceptance R-21: within 10 MB) and the backends' allowance after warm-up.
@@ -94,3 +95,20 @@ def test_r21_soak_30_minutes(tmp_path: Path) -> None:
     plan = SoakPlan(duration=duration, fault_every=30, connections=1000, interval=2.0, seed=SEED,
                     churn_per_second=4, warm_up=120)
     check(run_soak(tmp_path, plan))
+
+
+def test_only_requests_made_on_a_replaced_connection_are_exempt() -> None:
+    """A replaced connection's failures are exempt whenever they were sent; its replacement's count.
+
+    The time-based rule this replaces counted a request sent in the same loop iteration as the
+    replacement (same loop time) on the old connection as lost: the 2-minute soak failed in CI.
+    """
+    old, new = object(), object()
+    workload = WorkloadReport(connections=2, interval=0.5, results=[
+        RequestResult(0, 120, 60.0, None, "ClientError: connection closed", id(old)),
+        RequestResult(0, 121, 60.5, 0.001, "", id(new)),
+        RequestResult(1, 120, 60.0, None, "ClientError: timed out", id(new)),
+    ])
+    report = SoakReport(plan=SoakPlan(duration=1, fault_every=1, connections=2, interval=0.5, seed=1),
+                        workload=workload, retired={id(old)})
+    assert report.lost == {1}
