@@ -93,7 +93,7 @@ class MmsgVipPort:
         # then client address, VIP address, client port, VIP port.
         preamble = PROXY_V2_SIGNATURE + (b"\x21\x22\x00\x24" if v6 else b"\x21\x12\x00\x0c")
         ip_len = len(ip)
-        self._hlen = hlen = 16 + 2 * ip_len + 4  # 28 or 52: a multiple of 4, so u32 views line up
+        hlen = 16 + 2 * ip_len + 4  # 28 or 52: a multiple of 4, so u32 views line up
         template = preamble + bytes(ip_len) + ip + bytes(2) + port.to_bytes(2, "big")
         self._headers = ctypes.create_string_buffer(template * ring.batch, hlen * ring.batch)
         headers_at = ctypes.addressof(self._headers)
