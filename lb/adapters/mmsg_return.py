@@ -20,12 +20,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import socket
-import struct
 from array import array
-from collections.abc import Callable
 from itertools import repeat
 from operator import add, itemgetter, sub
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lb.adapters.mmsg import (
     BATCH,
@@ -49,6 +47,7 @@ from lb.adapters.mmsg import (
     word_view,
 )
 from lb.core.return_path import ReplySender, ReturnOutcome, ReturnPath
+from lb.core.strided_unpack import StridedUnpack, strided_unpack
 
 if TYPE_CHECKING:
     from lb.adapters.mmsg_datapath import MmsgDatapath
@@ -62,16 +61,13 @@ _CLIENT = itemgetter(1)
 _HEADER_LENGTHS = {0x12: 28, 0x22: 52}
 #: First payload octets below 0xC0 (not a long header): deleting them leaves the handshakes (R-20).
 _SHORT_HEADER_OCTETS = bytes(range(0xC0))
-Gather = Callable[..., tuple[Any, ...]]  # struct.Struct.unpack_from over a buffer
 
 
-def _gather(cache: dict[tuple[int, int], Gather], length: int, count: int, stride: int) -> Gather:
+def _gather(cache: dict[tuple[int, int], StridedUnpack], length: int, count: int, stride: int) -> StridedUnpack:
     """The (cached) ``unpack_from`` of the first ``length`` bytes of ``count`` records ``stride`` apart."""
     gather = cache.get((length, count))
     if gather is None:
-        one = f"{length}s"
-        gather = struct.Struct("=" + f"{one}{stride - length}x" * (count - 1) + one).unpack_from
-        cache[(length, count)] = gather
+        gather = cache[(length, count)] = strided_unpack(0, length, count, stride)
     return gather
 
 
@@ -108,8 +104,8 @@ class MmsgInsidePort:
         slot = ring.slot_bytes
         # (length, count) -> one struct's unpack_from gathering ``count`` fields of ``length`` bytes
         # at the start of each sockaddr / receive slot: a third of the cost of slicing each one.
-        self._sources: dict[tuple[int, int], Gather] = {}
-        self._headers: dict[tuple[int, int], Gather] = {}
+        self._sources: dict[tuple[int, int], StridedUnpack] = {}
+        self._headers: dict[tuple[int, int], StridedUnpack] = {}
         self._payload_bases = {h: array("Q", [ring.buffers_at + i * slot + h for i in range(ring.batch)])
                                for h in (28, 52)}
         self.rx = 0

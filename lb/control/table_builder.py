@@ -34,7 +34,7 @@ from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from lb.control.config import BackendState, LbConfig, RetryMode, ServiceConfig, UnroutableShortHeader
+from lb.control.config import BackendState, LbConfig, LbSection, RetryMode, ServiceConfig, UnroutableShortHeader
 from lb.core.addresses import Address, normalize_address
 from lb.core.health import HealthKey
 from lb.core.lb_replies import RetryPolicy
@@ -170,7 +170,7 @@ class _TableInputs:
     """What one service's table is built from (the config objects by identity: a reload makes new ones)."""
 
     svc: ServiceConfig
-    lb: object  # cfg.lb: supported versions, the unroutable-short-header setting
+    lb: LbSection  # supported versions, the unroutable-short-header setting
     unhealthy: frozenset[bytes]
     tombstones: frozenset[bytes]  # live at the build's ``now``
     ring: MaglevTable

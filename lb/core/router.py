@@ -37,7 +37,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 from lb.core.addresses import Address
-from lb.core.batch_routing import BatchRouting, DcidUnpack
+from lb.core.batch_routing import BatchRouting
 from lb.core.cid_decoder import ConfigDecoder
 from lb.core.lb_replies import RESET, RETRY, LbReplies
 from lb.core.maglev import four_tuple_key
@@ -47,6 +47,7 @@ from lb.core.quic_header import RoutingFields, parse_routing_fields_untrusted
 from lb.core.retry_token import MAX_ODCID_LEN, MIN_ODCID_LEN
 from lb.core.service_table import Backend, ServiceTable
 from lb.core.stateless_packets import initial_token
+from lb.core.strided_unpack import StridedUnpack
 from lb.errors import MalformedDatagram
 
 #: Upper bound of the DCID -> backend cache; FIFO eviction beyond it.
@@ -88,7 +89,7 @@ class Router(BatchRouting):
         self._hit_log: list[CidRoute] = []
         self._hits: Counter[CidRoute] = Counter()
         # (batch size, stride, DCID length) -> one struct's unpack_from for the batch's DCIDs
-        self._dcid_structs: dict[tuple[int, int, int], DcidUnpack] = {}
+        self._dcid_structs: dict[tuple[int, int, int], StridedUnpack] = {}
         self._cipher_calls = 0
         self._evictions = 0
         self._rx = 0

@@ -1,0 +1,27 @@
+"""One ``struct`` call that reads the same field out of every record of a strided buffer.
+
+The batched datapath keeps a batch's datagrams (and their sockaddrs) in fixed
+slots ``stride`` bytes apart. Reading one field of each slot by slicing costs a
+Python-level call per slot; a struct format of ``count`` repeats of "skip
+``offset``, take ``length``, skip the rest of the slot" reads them all in one
+C call (about a third of the cost, measured in ``bench/micro_datapath.py``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+#: ``unpack_from`` of a strided-field struct: one ``bytes`` per record.
+StridedUnpack = Callable[..., tuple[Any, ...]]
+
+
+def strided_unpack(offset: int, length: int, count: int, stride: int) -> StridedUnpack:
+    """``unpack_from`` giving the ``length`` bytes at ``offset`` of each of ``count`` records ``stride`` apart.
+
+    The last record's tail is not part of the format, so a buffer that ends right after
+    the last field is long enough.
+    """
+    one = f"{offset}x{length}s"
+    return struct.Struct("=" + f"{one}{stride - offset - length}x" * (count - 1) + one).unpack_from
