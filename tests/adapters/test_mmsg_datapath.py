@@ -405,3 +405,27 @@ def test_a_batch_of_replies_for_two_vips_leaves_from_each_vip() -> None:
             dp.close()
 
     run(body)
+
+
+def test_a_batch_of_cached_replies_takes_the_batch_path() -> None:
+    # The slow path gives the same bytes, so only this shows the batch gather still finds the
+    # remembered headers (a wrong offset in it would send every batch one by one).
+    async def body() -> None:
+        with sockets(udp(), udp()) as (b1, client):
+            rig = await open_rig([b1])
+            inside_port = rig.datapath._inside_port
+            assert inside_port is not None
+            header = encode_proxy_header(client.getsockname()[:2], rig.vip)
+            b1.sendto(header + b"\x40warm", rig.inside)
+            await until(lambda: rig.return_path.stats().tx_to_client == 1, "warm-up reply")
+            one_by_one: list[int] = []
+            slow = inside_port._queue_each
+            inside_port._queue_each = lambda n, fields: (one_by_one.append(n), slow(n, fields))[1]  # type: ignore[method-assign]
+            for k in range(10):
+                b1.sendto(header + bytes([0x40, k]), rig.inside)
+            await until(lambda: rig.return_path.stats().tx_to_client == 11, "the batch")
+            assert one_by_one == []
+            assert len(drain(client)) == 11
+            rig.datapath.close()
+
+    run(body)
