@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from lb.core.addresses import Address
 from lb.core.cid_decoder import ConfigDecoder
@@ -51,12 +52,16 @@ class BatchRouting:
     _evictions: int
     _rx: int
     _dcid_structs: dict[tuple[int, int, int], StridedUnpack]
+    _sid_routes: dict[int, dict[bytes, CidRoute]]
 
     # Implemented by Router: each counts one outcome and returns its decision.
     def _cid_route(self, dcid: bytes, config_id: int, backend: Backend) -> RouteDecision:
         raise NotImplementedError
 
     def count_logged_hits(self) -> None:
+        raise NotImplementedError
+
+    def _route_of(self, config_id: int, backend: Backend) -> CidRoute:
         raise NotImplementedError
 
     def _fallback(self, outcome: Outcome, client: Address) -> RouteDecision:
@@ -191,6 +196,10 @@ class BatchRouting:
             return None
         self._rx += n
         self._hit_log += filter(None, routes)
+        if len(self._hit_log) > HIT_LOG_FOLD:
+            self.count_logged_hits()
+        if None not in (resolved := self._resolve_unique(dec, dcids, routes, n)):
+            return [route.decision for route in resolved]  # type: ignore[union-attr]  # no None: checked
         out = [_PENDING if route is None else route.decision for route in routes]
         misses: dict[bytes, tuple[ConfigDecoder, list[int]]] = {}
         for i in [i for i, route in enumerate(routes) if route is None]:
@@ -201,6 +210,54 @@ class BatchRouting:
                 miss[1].append(i)
         self._resolve_misses(misses, {}, out, client_at, lengths)
         return out
+
+    def _resolve_unique(
+        self, dec: ConfigDecoder, dcids: tuple[bytes, ...], routes: list[CidRoute | None], n: int
+    ) -> list[CidRoute | None]:
+        """Step 3 without Python per datagram, for the cold cache's batches: misses all distinct, all to live backends.
+
+        Returns ``routes`` with every miss resolved; or, when some DCID repeats or decodes to a
+        server ID that is no live backend's, ``routes`` as it was, nothing counted (step 3 proper
+        then decodes them again: rare, a cold cache's DCIDs are unique and valid). Counted as
+        the scalar path counts them: each miss one decode, one route, one cache entry (FIFO:
+        inserting all and then evicting the overflow leaves the cache the scalar path leaves).
+        """
+        if routes.count(None) == n:
+            missed: Sequence[bytes] = dcids
+        else:
+            missed = [dcid for dcid, route in zip(dcids, routes, strict=True) if route is None]
+        if len(set(missed)) != len(missed):
+            return routes
+        config_id = dec.cfg.config_id
+        by_sid = self._sid_routes.get(config_id)
+        if by_sid is None:
+            by_sid = self._sid_routes[config_id] = {}
+        # Every DCID of the batch is long enough for its configuration (checked in step 1): no None.
+        sids = cast(list[bytes], dec.decode_many(missed))
+        found = list(map(by_sid.get, sids))
+        if None in found:
+            backends = self.table.backends
+            for k in [k for k, route in enumerate(found) if route is None]:
+                backend = backends.get(sids[k])
+                if backend is None:
+                    return routes  # unknown or removed: a reset, a drop or the fallback, by step 3
+                found[k] = by_sid[backend.server_id] = self._route_of(config_id, backend)
+        self._cipher_calls += dec.cfg.lb_passes * len(missed)
+        resolved = cast(list[CidRoute], found)  # no None: filled above
+        self._hit_log += resolved
+        if len(self._hit_log) > HIT_LOG_FOLD:
+            self.count_logged_hits()
+        if self._cache_size:
+            cache = self._cache
+            cache.update(zip(missed, resolved, strict=True))
+            if (over := len(cache) - self._cache_size) > 0:
+                self._evictions += over
+                for _ in range(over):
+                    cache.popitem(last=False)  # the oldest
+        if missed is dcids:
+            return found
+        it = iter(resolved)
+        return [next(it) if route is None else route for route in routes]
 
     def _route_long(
         self,

@@ -82,6 +82,7 @@ class Router(BatchRouting):
         self._counts = [0] * len(OUTCOMES)  # CID_ROUTED lives in the CidRoute counters
         self._malformed: dict[str, int] = {}
         self._routes: dict[tuple[int, bytes], CidRoute] = {}  # of the current table
+        self._sid_routes: dict[int, dict[bytes, CidRoute]] = {}  # the same routes by config ID, server ID
         self._retired_cid_routed: dict[tuple[int, str], int] = {}  # counts of earlier tables' routes
         self._fallback_routed: dict[str, int] = {}
         # Cache hits of whole batches are logged (one list.extend per batch) and counted when
@@ -105,6 +106,7 @@ class Router(BatchRouting):
             key = (route.config_id, route.label)
             self._retired_cid_routed[key] = self._retired_cid_routed.get(key, 0) + route.count + self._hits[route]
         self._routes = {}
+        self._sid_routes = {}
         self._hits = Counter()
         self._cache = OrderedDict()
         self.table = table
@@ -251,12 +253,17 @@ class Router(BatchRouting):
 
     def _cid_route(self, dcid: bytes, config_id: int, backend: Backend) -> RouteDecision:
         """A decoded (cache-miss) CID route: count it and remember the DCID."""
-        route = self._routes.get((config_id, backend.server_id))
-        if route is None:
-            route = self._routes[(config_id, backend.server_id)] = CidRoute(config_id, backend)
+        route = self._route_of(config_id, backend)
         route.count += 1
         self._remember(dcid, route)
         return route.decision
+
+    def _route_of(self, config_id: int, backend: Backend) -> CidRoute:
+        """The current table's route of (configuration, backend), made on first use."""
+        route = self._routes.get((config_id, backend.server_id))
+        if route is None:
+            route = self._routes[(config_id, backend.server_id)] = CidRoute(config_id, backend)
+        return route
 
     def _fallback(self, outcome: Outcome, client: Address) -> RouteDecision:
         table = self.table

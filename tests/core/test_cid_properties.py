@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb import CidConfig, CidMode, decode_cid, decode_server_id, encode_cid, unroutable_cid
-from lb.core.cid_decoder import CidDecoder, ConfigDecoder
+from lb.core.cid_decoder import MAX_STRUCT_BATCH, CidDecoder, ConfigDecoder
 
 
 @st.composite
@@ -65,6 +67,29 @@ def test_batch_equals_scalar(cfg: CidConfig, randoms: list[bytes], data: st.Data
     # The per-config batch decoder agrees too on CIDs that carry its config bits.
     mine = [c for c in cids if c and c[0] >> 5 == cfg.config_id]
     assert ConfigDecoder(cfg).decode_many(mine) == [decode_server_id(cfg, c) for c in mine]
+
+
+@pytest.mark.parametrize("mode", list(CidMode))
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([1, 7, 64, MAX_STRUCT_BATCH + 1]), st.integers(0, 4), st.randoms(use_true_random=False))
+def test_batch_of_cids_all_long_enough_equals_scalar(
+    mode: CidMode, count: int, extra: int, rng: random.Random
+) -> None:
+    # The datapath's batches: every CID long enough (random bytes after the config bits, T18), some
+    # longer than the configuration's length; larger than the batches the struct cut is kept for too.
+    sid_len = rng.randrange(1, 13)  # a nonce of at least 4 bytes
+    if mode is CidMode.SINGLE_PASS:
+        nonce_len = 16 - sid_len
+    else:
+        nonce_len = rng.randrange(4, 16 - sid_len) if sid_len < 12 else 4
+    key = None if mode is CidMode.PLAINTEXT else rng.randbytes(16)
+    cfg = CidConfig(rng.randrange(7), sid_len, nonce_len, key)
+    if cfg.mode is not mode:  # four pass needs sid + nonce < 16
+        cfg = CidConfig(cfg.config_id, 3, 4, key)
+    assert cfg.mode is mode
+    cids = [bytes((cfg.config_id << 5 | rng.randrange(32),)) + rng.randbytes(cfg.cid_len - 1 + rng.randrange(extra + 1))
+            for _ in range(count)]
+    assert ConfigDecoder(cfg).decode_many(cids) == [decode_server_id(cfg, c) for c in cids]
 
 
 @settings(max_examples=200, deadline=None)
