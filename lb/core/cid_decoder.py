@@ -22,13 +22,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from operator import itemgetter
 
-from lb.core.cid_cipher import AES_BLOCK_LEN, FeistelParams, aes_ecb, feistel_cid_decryptor, feistel_params
+from lb.core.cid_cipher import AES_BLOCK_LEN, aes_ecb, feistel_cid_decryptor, feistel_params
 from lb.core.cid_config import UNROUTABLE_CONFIG_ID, CidConfig, CidMode
-from lb.core.strided_unpack import StridedUnpack, strided_unpack
-
-#: Batches up to this size get a cached struct that cuts every server ID out of the AES output
-#: in one call; larger ones (never from the datapath, whose batches hold 64) are cut one by one.
-MAX_STRUCT_BATCH = 256
+from lb.core.feistel_batch import feistel_sids
+from lb.core.strided_unpack import cut_records
 
 ConfigSet = CidConfig | Sequence[CidConfig] | Mapping[int, CidConfig]
 
@@ -98,7 +95,7 @@ class ConfigDecoder:
     length (as :class:`CidDecoder` does); ``decode_many`` checks length itself.
     """
 
-    __slots__ = ("_sid_unpacks", "cfg", "cid_len", "decode", "mode", "sid_len")
+    __slots__ = ("cfg", "cid_len", "decode", "mode", "sid_len")
 
     def __init__(self, cfg: CidConfig) -> None:
         self.cfg = cfg
@@ -106,7 +103,6 @@ class ConfigDecoder:
         self.sid_len = cfg.server_id_len
         self.cid_len = cfg.cid_len
         self.decode: Callable[[bytes], bytes] = self._build_scalar()
-        self._sid_unpacks: dict[int, StridedUnpack] = {}  # batch size -> server IDs out of the AES output
 
     def _build_scalar(self) -> Callable[[bytes], bytes]:
         cfg, sid_len, n = self.cfg, self.sid_len, self.cfg.block_len
@@ -129,22 +125,10 @@ class ConfigDecoder:
             return self._decode_all(cids)  # type: ignore[return-value]  # list[bytes] is a list[bytes | None]
         out: list[bytes | None] = [None] * len(cids)
         idx = [i for i, c in enumerate(cids) if len(c) >= self.cid_len]
-        if not idx:
-            return out
-        sid_len, n = self.sid_len, self.cfg.block_len
-        if self.mode is CidMode.PLAINTEXT:
-            for i in idx:
-                out[i] = bytes(cids[i][1 : 1 + sid_len])
-            return out
-        assert self.cfg.key is not None
-        aes = aes_ecb(self.cfg.key)
-        if self.mode is CidMode.SINGLE_PASS:
-            plain = aes.decrypt(b"".join(cids[i][1:17] for i in idx))
-            for k, i in enumerate(idx):
-                base = k * AES_BLOCK_LEN
-                out[i] = plain[base : base + sid_len]
-            return out
-        return _feistel_decode_many(aes.encrypt, feistel_params(n), sid_len, cids, idx=idx, out=out)
+        if idx:
+            for i, sid in zip(idx, self._decode_all([cids[i] for i in idx]), strict=True):
+                out[i] = sid
+        return out
 
     def _decode_all(self, cids: Sequence[bytes]) -> list[bytes]:
         """``decode_many`` when every CID is long enough (the datapath's batches): C-level calls only.
@@ -159,87 +143,12 @@ class ConfigDecoder:
         aes = aes_ecb(self.cfg.key)
         if self.mode is CidMode.SINGLE_PASS:
             plain = aes.decrypt(b"".join(map(itemgetter(_BLOCK), cids)))
-            if count > MAX_STRUCT_BATCH:
-                return [plain[k : k + sid_len] for k in range(0, count * AES_BLOCK_LEN, AES_BLOCK_LEN)]
-            unpack = self._sid_unpacks.get(count)
-            if unpack is None:
-                unpack = self._sid_unpacks[count] = strided_unpack(0, sid_len, count, AES_BLOCK_LEN)
-            return list(unpack(plain))
-        out: list[bytes | None] = [None] * count
-        _feistel_decode_many(aes.encrypt, feistel_params(self.cfg.block_len), sid_len, cids,
-                             idx=list(range(count)), out=out)
-        return out  # type: ignore[return-value]  # every entry filled: all CIDs are long enough
+            return cut_records(plain, AES_BLOCK_LEN, sid_len, count)
+        return feistel_sids(aes.encrypt, feistel_params(self.cfg.block_len), sid_len, cids)
 
 
 #: The AES block of a single-pass CID: the octets after the first.
 _BLOCK = slice(1, 1 + AES_BLOCK_LEN)
-
-
-def _feistel_decode_many(
-    encrypt: Callable[[bytes], bytes],
-    params: FeistelParams,
-    sid_len: int,
-    cids: Sequence[bytes],
-    *,
-    idx: list[int],
-    out: list[bytes | None],
-) -> list[bytes | None]:
-    """Four-pass decryption of a whole batch as a handful of big-integer operations.
-
-    Each half lives in the first ``half_len`` bytes of a 16-byte slot whose
-    remaining bytes are already the ``expand()`` suffix (zeros, n, pass). The
-    concatenated slots are the AES input of a pass as they are; XOR-ing the
-    masked AES output into the other half's slots (one big-int XOR for the
-    whole batch) leaves their suffix bytes intact, and changing the pass byte
-    is one more XOR. Per CID, Python only slices bytes at the start and the end.
-    """
-    n, h = params.n, params.half_len
-    count = len(idx)
-    pad = bytes(AES_BLOCK_LEN - h - 2)
-    width = count * AES_BLOCK_LEN
-
-    def repeat(slot: bytes) -> int:
-        return int.from_bytes(slot * count, "big")
-
-    # Masks over whole slots: nibble clearing inside the half, all-ones elsewhere
-    # (keeps the suffix), and "half only" for the AES outputs (truncate, T6).
-    keep_left = repeat(params.left_mask.to_bytes(h, "big") + b"\xff" * (AES_BLOCK_LEN - h))
-    keep_right = repeat(params.right_mask.to_bytes(h, "big") + b"\xff" * (AES_BLOCK_LEN - h))
-    out_left = repeat(params.left_mask.to_bytes(h, "big") + bytes(AES_BLOCK_LEN - h))
-    out_right = repeat(params.right_mask.to_bytes(h, "big") + bytes(AES_BLOCK_LEN - h))
-
-    def pass_byte(a: int, b: int) -> int:  # XOR that turns pass byte a into b in every slot
-        return repeat(bytes(AES_BLOCK_LEN - 1) + bytes((a ^ b,)))
-
-    lsuffix = pad + bytes((n, 3))  # left halves feed passes 3 then 1
-    rsuffix = pad + bytes((n, 4))  # right halves feed passes 4 then 2
-    left = int.from_bytes(b"".join([cids[i][1 : 1 + h] + lsuffix for i in idx]), "big") & keep_left
-    right = int.from_bytes(b"".join([cids[i][1 + n - h : 1 + n] + rsuffix for i in idx]), "big") & keep_right
-
-    def f(half: int) -> int:
-        return int.from_bytes(encrypt(half.to_bytes(width, "big")), "big")
-
-    left ^= f(right) & out_left  # L1 = L2 ^ F(4, R2), cleared
-    right ^= pass_byte(4, 2)
-    right ^= f(left) & out_right  # R1 = R2 ^ F(3, L1), cleared
-    left ^= pass_byte(3, 1)
-    left ^= f(right) & out_left  # L0 = L1 ^ F(2, R1), cleared
-    if 2 * sid_len <= n:  # 3-pass shortcut: the server ID lies in L0
-        lb = left.to_bytes(width, "big")
-        for k, i in enumerate(idx):
-            base = k * AES_BLOCK_LEN
-            out[i] = lb[base : base + sid_len]
-        return out
-    right ^= f(left) & out_right  # R0 = R1 ^ F(1, L0), cleared
-    lb, rb = left.to_bytes(width, "big"), right.to_bytes(width, "big")
-    for k, i in enumerate(idx):
-        base = k * AES_BLOCK_LEN
-        lh, rh = lb[base : base + h], rb[base : base + h]
-        if params.odd:
-            out[i] = (lh[:-1] + bytes((lh[-1] | rh[0],)) + rh[1:])[:sid_len]
-        else:
-            out[i] = (lh + rh)[:sid_len]
-    return out
 
 
 class CidDecoder:

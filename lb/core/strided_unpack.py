@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 #: ``unpack_from`` of a strided-field struct: one ``bytes`` per record.
@@ -25,3 +26,17 @@ def strided_unpack(offset: int, length: int, count: int, stride: int) -> Strided
     """
     one = f"{offset}x{length}s"
     return struct.Struct("=" + f"{one}{stride - offset - length}x" * (count - 1) + one).unpack_from
+
+
+#: Record counts up to this keep their struct in :func:`cut_records` (the datapath's batches hold 64).
+MAX_CACHED_RECORDS = 256
+
+
+def cut_records(data: bytes, stride: int, length: int, count: int) -> list[bytes]:
+    """The first ``length`` bytes of each of ``count`` records ``stride`` apart (e.g. server IDs out of AES output)."""
+    if count > MAX_CACHED_RECORDS:
+        return [data[k : k + length] for k in range(0, count * stride, stride)]
+    return list(_cutter(0, length, count, stride)(data))
+
+
+_cutter = lru_cache(maxsize=128)(strided_unpack)

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb import CidConfig, CidMode, decode_cid, decode_server_id, encode_cid, unroutable_cid
-from lb.core.cid_decoder import MAX_STRUCT_BATCH, CidDecoder, ConfigDecoder
+from lb.core.cid_decoder import CidDecoder, ConfigDecoder
+from lb.core.strided_unpack import MAX_CACHED_RECORDS
 
 
 @st.composite
@@ -71,21 +72,16 @@ def test_batch_equals_scalar(cfg: CidConfig, randoms: list[bytes], data: st.Data
 
 @pytest.mark.parametrize("mode", list(CidMode))
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from([1, 7, 64, MAX_STRUCT_BATCH + 1]), st.integers(0, 4), st.randoms(use_true_random=False))
+@given(st.sampled_from([1, 7, 64, MAX_CACHED_RECORDS + 1]), st.integers(0, 4), st.randoms(use_true_random=False))
 def test_batch_of_cids_all_long_enough_equals_scalar(
     mode: CidMode, count: int, extra: int, rng: random.Random
 ) -> None:
     # The datapath's batches: every CID long enough (random bytes after the config bits, T18), some
     # longer than the configuration's length; larger than the batches the struct cut is kept for too.
-    sid_len = rng.randrange(1, 13)  # a nonce of at least 4 bytes
-    if mode is CidMode.SINGLE_PASS:
-        nonce_len = 16 - sid_len
-    else:
-        nonce_len = rng.randrange(4, 16 - sid_len) if sid_len < 12 else 4
+    sid_len = rng.randrange(1, 12)  # room for a nonce of 4 bytes or more, and for sid + nonce < 16
+    nonce_len = 16 - sid_len if mode is CidMode.SINGLE_PASS else rng.randrange(4, 16 - sid_len)
     key = None if mode is CidMode.PLAINTEXT else rng.randbytes(16)
     cfg = CidConfig(rng.randrange(7), sid_len, nonce_len, key)
-    if cfg.mode is not mode:  # four pass needs sid + nonce < 16
-        cfg = CidConfig(cfg.config_id, 3, 4, key)
     assert cfg.mode is mode
     cids = [bytes((cfg.config_id << 5 | rng.randrange(32),)) + rng.randbytes(cfg.cid_len - 1 + rng.randrange(extra + 1))
             for _ in range(count)]
@@ -188,6 +184,7 @@ def test_four_pass_decryption_skips_pass_1_when_the_server_id_lies_in_left_0(
     # Trap T11 (-21 §5.5.2): a server ID no longer than half the block needs passes 4, 3, 2 only.
     # The one scalar four-pass decryption (cid_cipher) is shared by decode_cid and the LB's decoder.
     from lb.core.cid_cipher import aes_ecb, feistel_cid_decryptor, feistel_params  # noqa: PLC0415
+    from lb.core.feistel_batch import feistel_sids  # noqa: PLC0415
 
     cfg = CidConfig(0, sid_len, nonce_len, bytes(range(16)))
     assert cfg.mode is CidMode.FOUR_PASS
@@ -201,5 +198,9 @@ def test_four_pass_decryption_skips_pass_1_when_the_server_id_lies_in_left_0(
 
     assert feistel_cid_decryptor(counting_encrypt, feistel_params(cfg.block_len), sid_len)(cid) == sid
     assert len(calls) == aes_calls == cfg.lb_passes
+    # The batch form makes as many AES calls, each over the whole batch.
+    calls.clear()
+    assert feistel_sids(counting_encrypt, feistel_params(cfg.block_len), sid_len, [cid] * 5) == [sid] * 5
+    assert len(calls) == aes_calls and {len(c) for c in calls} == {5 * 16}
     assert ConfigDecoder(cfg).decode(cid) == sid
     assert decode_cid(cfg, cid) == (sid, nonce)
