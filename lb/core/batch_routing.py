@@ -18,12 +18,12 @@ Same decisions and counters as :meth:`Router.route` on each datagram in order
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import cast
 
 from lb.core.addresses import Address
 from lb.core.cid_decoder import ConfigDecoder
+from lb.core.fifo_cache import FifoCache
 from lb.core.outcomes import ByteSlicer, CidRoute, LongHeader, Outcome, RouteDecision
 from lb.core.service_table import Backend, ServiceTable
 from lb.core.strided_unpack import StridedUnpack, strided_unpack
@@ -44,7 +44,7 @@ class BatchRouting:
     """The batch half of :class:`lb.core.router.Router`; the state and the outcome helpers live there."""
 
     table: ServiceTable
-    _cache: OrderedDict[bytes, CidRoute]
+    _cache: FifoCache[CidRoute]
     _cache_size: int
     _routes: dict[tuple[int, bytes], CidRoute]
     _hit_log: list[CidRoute]
@@ -113,7 +113,7 @@ class BatchRouting:
         self._rx += n
         table = self.table
         by_config = table.decoder.by_config_id
-        cache_get = self._cache.get
+        cache_get = self._cache.entries.get
         out: list[RouteDecision] = [_PENDING] * n
         # DCID -> (decoder, indices of the datagrams of this batch that carry it)
         misses: dict[bytes, tuple[ConfigDecoder, list[int]]] = {}
@@ -180,7 +180,7 @@ class BatchRouting:
         if unpack is None:
             unpack = self._dcid_structs[(n, stride, dec.cid_len)] = strided_unpack(1, dec.cid_len, n, stride)
         dcids: tuple[bytes, ...] = unpack(buf)
-        routes = list(map(self._cache.get, dcids))
+        routes = list(map(self._cache.entries.get, dcids))
         if None not in routes:
             # A datagram of another configuration was cut at this one's DCID length, which no
             # cached DCID of its own configuration has (cache keys carry their config bits):
@@ -247,13 +247,7 @@ class BatchRouting:
         self._hit_log += resolved
         if len(self._hit_log) > HIT_LOG_FOLD:
             self.count_logged_hits()
-        if self._cache_size:
-            cache = self._cache
-            cache.update(zip(missed, resolved, strict=True))
-            if (over := len(cache) - self._cache_size) > 0:
-                self._evictions += over
-                for _ in range(over):
-                    cache.popitem(last=False)  # the oldest
+        self._evictions += self._cache.add_many(missed, resolved)
         if missed is dcids:
             return found
         it = iter(resolved)
@@ -275,7 +269,7 @@ class BatchRouting:
         if dec is None:
             return self._fallback(reason, client_at(i))
         key = dcid[: dec.cid_len]
-        route = self._cache.get(key)
+        route = self._cache.entries.get(key)
         if route is not None:
             route.count += 1
             return route.decision
@@ -308,7 +302,7 @@ class BatchRouting:
                 group[1].append(dcid)
                 group[2].append(indices)
         caching = self._cache_size > 0
-        cache, cache_size, routes, backends = self._cache, self._cache_size, self._routes, table.backends
+        cache, routes, backends = self._cache, self._routes, table.backends
         for dec, dcids, index_lists in groups.values():
             passes, config_id = dec.cfg.lb_passes, dec.cfg.config_id
             by_sid: dict[bytes | None, CidRoute] = {}  # this batch's routes, by server ID
@@ -321,15 +315,11 @@ class BatchRouting:
                     by_sid[sid] = route
                 if route is not None:
                     # Like the scalar path: the first datagram decodes and fills the cache, the
-                    # others of the batch are cache hits. Router._cid_route and _remember, inlined:
-                    # a cold cache (1M DCIDs) comes through here for almost every datagram.
+                    # others of the batch are cache hits (Router._cid_route and _remember, inlined).
                     self._cipher_calls += passes if caching else passes * len(indices)
                     route.count += len(indices)
                     if caching:
-                        if len(cache) >= cache_size:
-                            cache.popitem(last=False)  # the oldest
-                            self._evictions += 1
-                        cache[dcid] = route
+                        self._evictions += cache.add(dcid, route)
                     decision = route.decision
                     for i in indices:
                         out[i] = decision

@@ -33,12 +33,13 @@ sends each datagram to the returned backend.
 from __future__ import annotations
 
 import secrets
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 
 from lb.core.addresses import Address
 from lb.core.batch_routing import BatchRouting
 from lb.core.cid_decoder import ConfigDecoder
+from lb.core.fifo_cache import FifoCache
 from lb.core.lb_replies import RESET, RETRY, LbReplies
 from lb.core.maglev import four_tuple_key
 from lb.core.outcomes import OUTCOMES, CidRoute, LongHeader, Outcome, RouteDecision, RouterStats
@@ -74,10 +75,7 @@ class Router(BatchRouting):
         if cache_size < 0:
             raise ValueError(f"cache_size: must be >= 0 (0 disables the cache), got {cache_size}")
         self.table = table
-        # FIFO through OrderedDict.popitem: deleting a plain dict's first key leaves a hole that
-        # every later `next(iter(dict))` walks over again, so evictions grew to tens of µs each
-        # once a cold cache (1M DCIDs) kept it full (bench/ cold-1m).
-        self._cache: OrderedDict[bytes, CidRoute] = OrderedDict()
+        self._cache: FifoCache[CidRoute] = FifoCache(cache_size)  # DCID -> route, FIFO-bounded
         self._cache_size = cache_size
         self._counts = [0] * len(OUTCOMES)  # CID_ROUTED lives in the CidRoute counters
         self._malformed: dict[str, int] = {}
@@ -108,7 +106,7 @@ class Router(BatchRouting):
         self._routes = {}
         self._sid_routes = {}
         self._hits = Counter()
-        self._cache = OrderedDict()
+        self._cache.clear()
         self.table = table
 
     # -- the datapath ---------------------------------------------------------
@@ -131,7 +129,7 @@ class Router(BatchRouting):
             if dec is None or size < 1 + dec.cid_len:
                 return self._unroutable_short(Outcome.FALLBACK_NO_CONFIG, Outcome.UNROUTABLE_DROPPED, client)
             dcid = datagram[1 : 1 + dec.cid_len]
-            route = self._cache.get(dcid)
+            route = self._cache.entries.get(dcid)
             if route is not None:
                 route.count += 1
                 return route.decision
@@ -154,7 +152,7 @@ class Router(BatchRouting):
         dcid, dec, reason, supported = checked
         if dec is not None:
             key = dcid[: dec.cid_len]
-            route = self._cache.get(key)
+            route = self._cache.entries.get(key)
             if route is not None:
                 route.count += 1
                 return route.decision
@@ -238,7 +236,7 @@ class Router(BatchRouting):
         return self._drop(Outcome.RETRY_RATE_LIMITED)
 
     def _routes_to_live_backend(self, key: bytes, dec: ConfigDecoder) -> bool:
-        if key in self._cache:
+        if key in self._cache.entries:
             return True
         self._cipher_calls += dec.cfg.lb_passes
         return self.table.backends.get(dec.decode(key)) is not None
@@ -290,13 +288,7 @@ class Router(BatchRouting):
         return Outcome.MALFORMED_DROPPED, None
 
     def _remember(self, dcid: bytes, route: CidRoute) -> None:
-        cache = self._cache
-        if self._cache_size == 0:
-            return
-        if len(cache) >= self._cache_size:
-            cache.popitem(last=False)  # the oldest
-            self._evictions += 1
-        cache[dcid] = route
+        self._evictions += self._cache.add(dcid, route)
 
     # -- observation ----------------------------------------------------------
 

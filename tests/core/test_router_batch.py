@@ -355,6 +355,6 @@ def test_cold_batches_of_distinct_live_dcids_skip_the_per_datagram_step_and_equa
     assert got == expected
     assert batch_router.stats() == scalar.stats()
     def cache(router: Router) -> list[tuple[bytes, int, str]]:
-        return [(dcid, route.config_id, route.label) for dcid, route in router._cache.items()]
+        return [(dcid, route.config_id, route.label) for dcid, route in router._cache.entries.items()]
 
     assert cache(batch_router) == cache(scalar)
