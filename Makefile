@@ -88,6 +88,7 @@ bench: $(BENCH_STAMP) bench-nginx ## micro-benchmarks, Maglev quality, then the 
 	$(PY) bench/micro_codec.py --save
 	$(PY) bench/micro_router.py --save
 	$(PY) bench/micro_datapath.py --save
+	$(PY) bench/micro_cold.py --save
 	$(PY) bench/hash_quality.py --save
 	$(PY) bench/load_bench.py --full
 
