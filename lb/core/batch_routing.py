@@ -6,10 +6,12 @@ Same decisions and counters as :meth:`Router.route` on each datagram in order
 1. **Short headers only** (the steady state of a busy LB): when every datagram
    of the batch is a short header long enough for its DCID, the batch's DCIDs
    and cache lookups are a handful of C-level calls — first and second octets
-   gathered by strided slices, DCIDs by ``map`` over precomputed slices, routes
-   by ``map(cache.get, ...)``, hits counted by one ``Counter.update``. When
-   all hit, no Python bytecode runs per datagram; misses of one configuration
-   (a cold cache) go straight to step 3.
+   gathered by strided slices, DCIDs by one ``struct`` call, routes by
+   ``map(cache.get, ...)``, hits logged by one list extend (counted when
+   read). When all hit, no Python bytecode runs per datagram. Misses of one
+   configuration (a cold cache) that are all distinct and all decode to live
+   backends are resolved as a whole the same way (``_resolve_unique``: one
+   decoder call, one cache update); other misses go to step 3.
 2. Otherwise, one pass in Python over the batch: cheap rejects, cache hits,
    and the misses collected by DCID.
 3. Every miss of the batch decoded together, one decoder call (one AES call
