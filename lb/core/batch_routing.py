@@ -48,13 +48,12 @@ class BatchRouting:
     table: ServiceTable
     _cache: FifoCache[CidRoute]
     _cache_size: int
-    _routes: dict[tuple[int, bytes], CidRoute]
+    _routes: dict[int, dict[bytes, CidRoute]]
     _hit_log: list[CidRoute]
     _cipher_calls: int
     _evictions: int
     _rx: int
     _dcid_structs: dict[tuple[int, int, int], StridedUnpack]
-    _sid_routes: dict[int, dict[bytes, CidRoute]]
 
     # Implemented by Router: each counts one outcome and returns its decision.
     def _cid_route(self, dcid: bytes, config_id: int, backend: Backend) -> RouteDecision:
@@ -231,9 +230,7 @@ class BatchRouting:
         if len(set(missed)) != len(missed):
             return routes
         config_id = dec.cfg.config_id
-        by_sid = self._sid_routes.get(config_id)
-        if by_sid is None:
-            by_sid = self._sid_routes[config_id] = {}
+        by_sid = self._routes.setdefault(config_id, {})
         # Every DCID of the batch is long enough for its configuration (checked in step 1): no None.
         sids = cast(list[bytes], dec.decode_many(missed))
         found = list(map(by_sid.get, sids))
@@ -243,7 +240,7 @@ class BatchRouting:
                 backend = backends.get(sids[k])
                 if backend is None:
                     return routes  # unknown or removed: a reset, a drop or the fallback, by step 3
-                found[k] = by_sid[backend.server_id] = self._route_of(config_id, backend)
+                found[k] = self._route_of(config_id, backend)
         self._cipher_calls += dec.cfg.lb_passes * len(missed)
         resolved = cast(list[CidRoute], found)  # no None: filled above
         self._hit_log += resolved
@@ -304,17 +301,14 @@ class BatchRouting:
                 group[1].append(dcid)
                 group[2].append(indices)
         caching = self._cache_size > 0
-        cache, routes, backends = self._cache, self._routes, table.backends
+        cache, backends = self._cache, table.backends
         for dec, dcids, index_lists in groups.values():
             passes, config_id = dec.cfg.lb_passes, dec.cfg.config_id
             by_sid: dict[bytes | None, CidRoute] = {}  # this batch's routes, by server ID
             for dcid, sid, indices in zip(dcids, dec.decode_many(dcids), index_lists, strict=True):
                 route = by_sid.get(sid)
                 if route is None and (backend := backends.get(sid) if sid is not None else None) is not None:
-                    route = routes.get((config_id, backend.server_id))
-                    if route is None:
-                        route = routes[(config_id, backend.server_id)] = CidRoute(config_id, backend)
-                    by_sid[sid] = route
+                    route = by_sid[sid] = self._route_of(config_id, backend)
                 if route is not None:
                     # Like the scalar path: the first datagram decodes and fills the cache, the
                     # others of the batch are cache hits (Router._cid_route and _remember, inlined).

@@ -79,8 +79,9 @@ class Router(BatchRouting):
         self._cache_size = cache_size
         self._counts = [0] * len(OUTCOMES)  # CID_ROUTED lives in the CidRoute counters
         self._malformed: dict[str, int] = {}
-        self._routes: dict[tuple[int, bytes], CidRoute] = {}  # of the current table
-        self._sid_routes: dict[int, dict[bytes, CidRoute]] = {}  # the same routes by config ID, server ID
+        # The current table's routes, by config ID then server ID (the batch path maps a batch's
+        # decoded server IDs through one config's dict with ``dict.get``).
+        self._routes: dict[int, dict[bytes, CidRoute]] = {}
         self._retired_cid_routed: dict[tuple[int, str], int] = {}  # counts of earlier tables' routes
         self._fallback_routed: dict[str, int] = {}
         # Cache hits of whole batches are logged (one list.extend per batch) and counted when
@@ -100,11 +101,10 @@ class Router(BatchRouting):
     def set_table(self, table: ServiceTable) -> None:
         # Counters are monotonic: fold the old table's per-route counts into the totals.
         self.count_logged_hits()
-        for route in self._routes.values():
+        for route in self._all_routes():
             key = (route.config_id, route.label)
             self._retired_cid_routed[key] = self._retired_cid_routed.get(key, 0) + route.count + self._hits[route]
         self._routes = {}
-        self._sid_routes = {}
         self._hits = Counter()
         self._cache.clear()
         self.table = table
@@ -258,10 +258,14 @@ class Router(BatchRouting):
 
     def _route_of(self, config_id: int, backend: Backend) -> CidRoute:
         """The current table's route of (configuration, backend), made on first use."""
-        route = self._routes.get((config_id, backend.server_id))
+        by_sid = self._routes.setdefault(config_id, {})
+        route = by_sid.get(backend.server_id)
         if route is None:
-            route = self._routes[(config_id, backend.server_id)] = CidRoute(config_id, backend)
+            route = by_sid[backend.server_id] = CidRoute(config_id, backend)
         return route
+
+    def _all_routes(self) -> list[CidRoute]:
+        return [route for by_sid in self._routes.values() for route in by_sid.values()]
 
     def _fallback(self, outcome: Outcome, client: Address) -> RouteDecision:
         table = self.table
@@ -301,7 +305,7 @@ class Router(BatchRouting):
     def stats(self) -> RouterStats:
         self.count_logged_hits()
         cid_routed = dict(self._retired_cid_routed)
-        for route in self._routes.values():
+        for route in self._all_routes():
             key = (route.config_id, route.label)
             cid_routed[key] = cid_routed.get(key, 0) + route.count + self._hits[route]
         outcomes = {o: self._counts[o] for o in OUTCOMES}
