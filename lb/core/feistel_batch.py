@@ -52,7 +52,9 @@ class _Masks:
         self.right_slots = (bytes(h) + pad + bytes((n, 4))) * count
 
 
-@lru_cache(maxsize=64)
+# One entry per (configuration, batch size): 8 four-pass configurations x batches of 1..64 fit, so
+# a service with several of them does not evict and rebuild its masks batch after batch.
+@lru_cache(maxsize=512)
 def _masks(params: FeistelParams, count: int) -> _Masks:
     return _Masks(params, count)
 
